@@ -1,0 +1,47 @@
+"""pillow-sdlatent: images stored as compressed autoencoder latents, as a Pillow plugin.
+
+``import pillow_sdlatent`` registers the ``SDL`` format (``.sdl``) with Pillow.
+This import is cheap: torch and diffusers load only when an image is encoded
+or decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Any
+
+from PIL import Image
+
+from . import options
+from .core.container import FormatError
+from .plugin import SdlImageFile, register_sdlatent_opener
+
+__version__ = "0.1.0"
+
+
+def open(fp: str | os.PathLike | IO[bytes], *, model: str | None = None, allow_model_mismatch: bool = False,
+         device: str | None = None) -> SdlImageFile:  # fmt: skip
+    """``Image.open`` for .sdl files with decode options.
+
+    model: decode with this model spec instead of the one the file names (its
+        weights must still match the file's fingerprint).
+    allow_model_mismatch: decode even with weights that differ from the file's.
+    device: ``"cpu"``, ``"cuda"``, ... (default: ``options.DEVICE``, then auto).
+    """
+    im = Image.open(fp, formats=["SDL"])
+    assert isinstance(im, SdlImageFile)
+    im.decoder_options = {"model": model, "allow_model_mismatch": allow_model_mismatch, "device": device}
+    return im
+
+
+register_sdlatent_opener()
+
+__all__ = ["FormatError", "SdlImageFile", "open", "options", "register_sdlatent_opener"]
+
+
+def __getattr__(name: str) -> Any:  # lazy access to torch-backed helpers
+    if name in ("load_model",):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(name)

@@ -1,0 +1,181 @@
+"""The ``HEAD`` chunk: image, latent shape, model identity, quantizer and coder.
+
+See ``spec/sdl-v1.md`` for the byte layout; this module is its reference
+implementation, and :func:`Header.validate` enforces the limits the spec states.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .container import FormatError
+
+VERSION = (1, 0)
+
+#: Image modes by their code in the header.
+MODES = {0: "L", 1: "RGB", 2: "LA", 3: "RGBA"}
+MODE_CODES = {v: k for k, v in MODES.items()}
+
+#: Quantizer ids. 0: one symbol per latent value; 1: palette of latent vectors.
+QUANTIZERS = {0: "scalar", 1: "palette"}
+QUANTIZER_CODES = {v: k for k, v in QUANTIZERS.items()}
+
+#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd.
+CODERS = {0: "raw", 1: "zstd"}
+CODER_CODES = {v: k for k, v in CODERS.items()}
+
+# Limits every reader enforces (spec section "Limits").
+MAX_DIMENSION = 1 << 24
+MAX_CHANNELS = 1024
+MAX_LEVELS = 1 << 16
+MAX_PALETTE = 1 << 16
+MAX_LATENT_VALUES = 1 << 30
+MAX_MODEL_ID = 255
+FINGERPRINT_SIZE = 32
+
+_FIXED = struct.Struct(">BBIIBBHIIBBI32sB")
+
+
+@dataclass
+class Header:
+    width: int
+    height: int
+    mode: str
+    channels: int
+    latent_height: int
+    latent_width: int
+    model_id: str
+    fingerprint: bytes = bytes(FINGERPRINT_SIZE)
+    downscale: int = 8
+    quantizer: str = "scalar"
+    coder: str = "zstd"
+    palette_size: int = 0
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    version: tuple[int, int] = VERSION
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.latent_height, self.latent_width)
+
+    @property
+    def symbol_dtype(self) -> np.dtype:
+        """uint8 when every channel's alphabet fits a byte, else big-endian uint16."""
+        return np.dtype(np.uint8) if int(self.levels.max()) <= 256 else np.dtype(">u2")
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.palette_size <= 256 else np.dtype(">u2")
+
+    def validate(self) -> None:
+        """Raise :class:`FormatError` unless every field is within the spec's limits."""
+
+        def bad(msg: str) -> FormatError:
+            return FormatError(f"invalid SDL header: {msg}")
+
+        if self.version[0] != VERSION[0]:
+            raise bad(f"unsupported major version {self.version[0]} (this reader knows {VERSION[0]})")
+        if not (1 <= self.width <= MAX_DIMENSION and 1 <= self.height <= MAX_DIMENSION):
+            raise bad(f"image size {self.width}x{self.height} outside 1..{MAX_DIMENSION}")
+        if self.mode not in MODE_CODES:
+            raise bad(f"unknown mode {self.mode!r}")
+        if not 1 <= self.downscale <= 64:
+            raise bad(f"downscale factor {self.downscale} outside 1..64")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise bad(f"{self.channels} latent channels, outside 1..{MAX_CHANNELS}")
+        want = (math.ceil(self.height / self.downscale), math.ceil(self.width / self.downscale))
+        if (self.latent_height, self.latent_width) != want:
+            raise bad(
+                f"latent size {self.latent_height}x{self.latent_width} does not match "
+                f"image {self.width}x{self.height} at factor {self.downscale} (expected {want[0]}x{want[1]})"
+            )
+        if self.channels * self.latent_height * self.latent_width > MAX_LATENT_VALUES:
+            raise bad(f"latent of shape {self.latent_shape} exceeds {MAX_LATENT_VALUES} values")
+        if self.quantizer not in QUANTIZER_CODES:
+            raise bad(f"unknown quantizer {self.quantizer!r}")
+        if self.coder not in CODER_CODES:
+            raise bad(f"unknown coder {self.coder!r}")
+        if self.quantizer == "palette":
+            if not 1 <= self.palette_size <= MAX_PALETTE:
+                raise bad(f"palette size {self.palette_size} outside 1..{MAX_PALETTE}")
+        elif self.palette_size != 0:
+            raise bad("palette size must be 0 for the scalar quantizer")
+        raw_id = self.model_id.encode("utf-8")
+        if len(raw_id) > MAX_MODEL_ID or "\x00" in self.model_id:
+            raise bad("model id longer than 255 bytes or containing NUL")
+        if len(self.fingerprint) != FINGERPRINT_SIZE:
+            raise bad(f"fingerprint must be {FINGERPRINT_SIZE} bytes")
+        for name in ("offset", "scale", "levels"):
+            if getattr(self, name).shape != (self.channels,):
+                raise bad(f"{name} must hold one value per channel")
+        if not (np.all(np.isfinite(self.offset)) and np.all(np.isfinite(self.scale))):
+            raise bad("dequantization offset/scale must be finite")
+        if np.any(self.levels < 2) or np.any(self.levels > MAX_LEVELS):
+            raise bad(f"per-channel levels must be in 2..{MAX_LEVELS}")
+
+    def pack(self) -> bytes:
+        self.validate()
+        raw_id = self.model_id.encode("utf-8")
+        fixed = _FIXED.pack(
+            self.version[0],
+            self.version[1],
+            self.width,
+            self.height,
+            MODE_CODES[self.mode],
+            self.downscale,
+            self.channels,
+            self.latent_height,
+            self.latent_width,
+            QUANTIZER_CODES[self.quantizer],
+            CODER_CODES[self.coder],
+            self.palette_size,
+            self.fingerprint,
+            len(raw_id),
+        )
+        table = np.empty(self.channels, dtype=[("offset", ">f4"), ("scale", ">f4"), ("levels", ">u4")])
+        table["offset"], table["scale"], table["levels"] = self.offset, self.scale, self.levels
+        return fixed + raw_id + table.tobytes()
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Header:
+        if len(payload) < _FIXED.size:
+            raise FormatError(f"HEAD chunk of {len(payload)} bytes is shorter than the fixed {_FIXED.size}")
+        (vmaj, vmin, width, height, mode, downscale, channels, lh, lw, quant, coder, psize, fp, idlen) = (
+            _FIXED.unpack_from(payload)
+        )
+        if mode not in MODES or quant not in QUANTIZERS or coder not in CODERS:
+            raise FormatError(f"invalid SDL header: unknown mode {mode}, quantizer {quant} or coder {coder}")
+        end_id = _FIXED.size + idlen
+        expected = end_id + 12 * channels
+        if len(payload) != expected:
+            raise FormatError(f"HEAD chunk is {len(payload)} bytes; its fields call for {expected}")
+        try:
+            model_id = payload[_FIXED.size : end_id].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError("model id in HEAD is not valid UTF-8") from exc
+        table = np.frombuffer(payload[end_id:], dtype=[("offset", ">f4"), ("scale", ">f4"), ("levels", ">u4")])
+        header = cls(
+            width=width,
+            height=height,
+            mode=MODES[mode],
+            channels=channels,
+            latent_height=lh,
+            latent_width=lw,
+            model_id=model_id,
+            fingerprint=fp,
+            downscale=downscale,
+            quantizer=QUANTIZERS[quant],
+            coder=CODERS[coder],
+            palette_size=psize,
+            offset=table["offset"].astype(np.float32),
+            scale=table["scale"].astype(np.float32),
+            levels=table["levels"].astype(np.uint32),
+            version=(vmaj, vmin),
+        )
+        header.validate()
+        return header

@@ -1,0 +1,22 @@
+"""Process-wide defaults, in the style of ``pillow_heif.options``.
+
+Each can also be given per call: as a save option (``im.save(f, model=...)``)
+or to :func:`pillow_sdlatent.open` for decoding.
+"""
+
+from __future__ import annotations
+
+#: Model used to *decode* files, overriding the one a file names (None: the file's own,
+#: found as described in the README). Its fingerprint must still match unless
+#: :data:`ALLOW_MODEL_MISMATCH` is set.
+DECODE_MODEL: str | None = None
+
+#: Decode with weights whose fingerprint differs from the file's. The image will not
+#: be the one that was encoded; only for previews or deliberate model swaps.
+ALLOW_MODEL_MISMATCH: bool = False
+
+#: Device for encoding and decoding (None: ``SDLATENT_DEVICE`` or cuda > mps > cpu).
+DEVICE: str | None = None
+
+#: Precision (None: float32 on the CPU, bfloat16/float16 on GPUs).
+DTYPE: str | None = None

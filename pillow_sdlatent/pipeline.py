@@ -1,0 +1,132 @@
+"""Pillow images <-> latents <-> .sdl chunks: where the model layer meets the core.
+
+Importing this module imports torch (through the model layer); the plugin
+imports it only when an image is encoded or decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import options
+from .core.codec import LatentFile, build_chunks, quantize
+from .core.container import Chunk
+from .core.header import Header
+from .core.settings import QuantSettings
+from .models import Autoencoder, load_model, model_for_file
+
+#: Modes stored as they are; everything else is converted first (see :func:`split_image`).
+NATIVE = ("RGB", "L", "RGBA", "LA")
+
+
+def split_image(im: Image.Image) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(stored mode, RGB uint8 array (H, W, 3), alpha (H, W) or None) for any Pillow mode.
+
+    P becomes RGBA when it has transparency, else RGB; 1 becomes L; CMYK and
+    YCbCr-like modes become RGB; I;16, I and F become L (high-bit-depth data is
+    reduced to 8 bits, with a warning); PA and La become LA/RGBA-like as Pillow converts them.
+    """
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        warnings.warn(f"mode {mode} is stored as 8-bit L: precision beyond 8 bits is lost", stacklevel=4)
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
+            arr = arr / 257.0 if arr.max(initial=0) <= 65535 else arr * (255.0 / max(arr.max(), 1))
+        elif mode == "F":
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    elif mode not in NATIVE:
+        im = im.convert("RGB")
+    stored = im.mode
+    alpha = np.asarray(im.getchannel("A")) if stored in ("RGBA", "LA") else None
+    rgb = np.asarray(im.convert("RGB"))
+    return stored, rgb, alpha
+
+
+def to_tensor(rgb: np.ndarray, multiple: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H', W') float in [0, 1], edge-padded to multiples of ``multiple``."""
+    h, w = rgb.shape[:2]
+    ph, pw = math.ceil(h / multiple) * multiple - h, math.ceil(w / multiple) * multiple - w
+    if ph or pw:
+        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def to_uint8(images: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(1, 3, H', W') in [0, 1] -> (height, width, 3) uint8, cropping the padding."""
+    x = images[0, :, :height, :width].clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def encode_latents(model: Autoencoder, rgb: np.ndarray) -> np.ndarray:
+    """(C, h, w) float32 latents of one RGB image."""
+    return model.encode(to_tensor(rgb, model.downscale))[0].cpu().numpy().astype(np.float32)
+
+
+def encode_image(
+    im: Image.Image,
+    settings: QuantSettings,
+    model: Autoencoder | str | None = None,
+    *,
+    device: str | None = None,
+    info: dict | None = None,
+    extra: list[Chunk] | None = None,
+) -> list[Chunk]:
+    """All chunks of the .sdl file for ``im``."""
+    if not isinstance(model, Autoencoder):
+        model = load_model(model, device or options.DEVICE, options.DTYPE)
+    stored, rgb, alpha = split_image(im)
+    latents = encode_latents(model, rgb)
+    fields, payload, palette = quantize(latents, settings)
+    c, lh, lw = latents.shape
+    header = Header(
+        width=im.width, height=im.height, mode=stored, channels=c, latent_height=lh, latent_width=lw,
+        model_id=model.model_id, fingerprint=model.fingerprint, downscale=model.downscale,
+        coder=settings.coder, **fields,
+    )  # fmt: skip
+    return build_chunks(header, payload, palette, alpha, info, extra)
+
+
+def decode_rgb(lf: LatentFile, model: Autoencoder) -> np.ndarray:
+    z = torch.from_numpy(lf.latents())[None]
+    return to_uint8(model.decode(z), lf.header.height, lf.header.width)
+
+
+def decode_image(
+    lf: LatentFile,
+    model: Autoencoder | str | None = None,
+    *,
+    allow_mismatch: bool | None = None,
+    device: str | None = None,
+) -> Image.Image:
+    """The Pillow image a decoded file holds, in its stored mode."""
+    if not isinstance(model, Autoencoder):
+        model = model_for_file(
+            lf.header,
+            model or options.DECODE_MODEL,
+            allow_mismatch=options.ALLOW_MODEL_MISMATCH if allow_mismatch is None else allow_mismatch,
+            device=device or options.DEVICE,
+            dtype=options.DTYPE,
+        )
+    im = Image.fromarray(decode_rgb(lf, model), "RGB")
+    mode = lf.header.mode
+    if mode in ("L", "LA"):
+        im = im.convert("L")
+    if lf.alpha is not None:
+        im.putalpha(Image.fromarray(lf.alpha, "L"))
+    return im
