@@ -130,3 +130,35 @@ def decode_image(
     if lf.alpha is not None:
         im.putalpha(Image.fromarray(lf.alpha, "L"))
     return im
+
+
+def encode_batch(model: Autoencoder, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    """Latents of many RGB uint8 arrays; images of equal size share forward passes."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, rgb in enumerate(images):
+        groups.setdefault(rgb.shape[:2], []).append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            x = torch.cat([to_tensor(images[i], model.downscale) for i in part])
+            z = model.encode(x).cpu().numpy().astype(np.float32)
+            for j, i in enumerate(part):
+                out[i] = z[j]
+    return out  # type: ignore[return-value]
+
+
+def decode_batch(model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]],
+                 batch_size: int = 8) -> list[np.ndarray]:  # fmt: skip
+    """RGB uint8 arrays (height, width, 3) for many latents; ``sizes`` are (width, height)."""
+    out: list[np.ndarray | None] = [None] * len(latents)
+    groups: dict[tuple, list[int]] = {}
+    for i, z in enumerate(latents):
+        groups.setdefault((z.shape, sizes[i]), []).append(i)
+    for (_, (w, h)), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            x = model.decode(torch.from_numpy(np.stack([latents[i] for i in part])))
+            for j, i in enumerate(part):
+                out[i] = to_uint8(x[j : j + 1], h, w)
+    return out  # type: ignore[return-value]
