@@ -19,8 +19,13 @@ from .plugin import SdlImageFile, register_sdlatent_opener
 __version__ = "0.1.0"
 
 
-def open(fp: str | os.PathLike | IO[bytes], *, model: str | None = None, allow_model_mismatch: bool = False,
-         device: str | None = None) -> SdlImageFile:  # fmt: skip
+def open(
+    fp: str | os.PathLike | IO[bytes],
+    *,
+    model: str | None = None,
+    allow_model_mismatch: bool = False,
+    device: str | None = None,
+) -> SdlImageFile:
     """``Image.open`` for .sdl files with decode options.
 
     model: decode with this model spec instead of the one the file names (its

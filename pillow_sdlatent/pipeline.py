@@ -95,10 +95,18 @@ def encode_image(
     fields, payload, palette = quantize(latents, settings)
     c, lh, lw = latents.shape
     header = Header(
-        width=im.width, height=im.height, mode=stored, channels=c, latent_height=lh, latent_width=lw,
-        model_id=model.model_id, fingerprint=model.fingerprint, downscale=model.downscale,
-        coder=settings.coder, **fields,
-    )  # fmt: skip
+        width=im.width,
+        height=im.height,
+        mode=stored,
+        channels=c,
+        latent_height=lh,
+        latent_width=lw,
+        model_id=model.model_id,
+        fingerprint=model.fingerprint,
+        downscale=model.downscale,
+        coder=settings.coder,
+        **fields,
+    )
     return build_chunks(header, payload, palette, alpha, info, extra)
 
 
@@ -148,8 +156,9 @@ def encode_batch(model: Autoencoder, images: list[np.ndarray], batch_size: int =
     return out  # type: ignore[return-value]
 
 
-def decode_batch(model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]],
-                 batch_size: int = 8) -> list[np.ndarray]:  # fmt: skip
+def decode_batch(
+    model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]], batch_size: int = 8
+) -> list[np.ndarray]:
     """RGB uint8 arrays (height, width, 3) for many latents; ``sizes`` are (width, height)."""
     out: list[np.ndarray | None] = [None] * len(latents)
     groups: dict[tuple, list[int]] = {}

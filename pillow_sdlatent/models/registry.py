@@ -45,8 +45,9 @@ def default_spec() -> str:
     return os.environ.get("SDLATENT_MODEL") or DEFAULT_MODEL
 
 
-def load_model(spec: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> Autoencoder:  # fmt: skip
+def load_model(
+    spec: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Autoencoder:
     """Load (once per process) the autoencoder a spec names."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
@@ -90,8 +91,9 @@ def _vae_class(config: dict) -> type:
     return getattr(diffusers, name)
 
 
-def _load_diffusers(source: str, subfolder: str | None, model_id: str, device: torch.device,
-                    dtype: torch.dtype) -> Autoencoder:  # fmt: skip
+def _load_diffusers(
+    source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype
+) -> Autoencoder:
     from .diffusers_vae import DiffusersAutoencoder
 
     local = Path(source).is_dir()
@@ -106,7 +108,7 @@ def _load_diffusers(source: str, subfolder: str | None, model_id: str, device: t
     try:
         import diffusers
 
-        config = diffusers.ConfigMixin.load_config(source, subfolder=subfolder, local_files_only=offline or local)
+        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=offline or local)
         cls = _vae_class(config)
         vae = cls.from_pretrained(
             source, subfolder=subfolder, local_files_only=offline or local, torch_dtype=torch.float32
@@ -133,6 +135,12 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> A
     except Exception as exc:  # diffusers raises many kinds here
         raise ModelNotFoundError(f"could not load single-file checkpoint {path}: {exc}") from exc
     return DiffusersAutoencoder(vae, path.stem, device, dtype)
+
+
+def loaded_sources(model_id: str) -> list[str]:
+    """Specs of the models already loaded in this process whose id is ``model_id``."""
+    with _guard:
+        return list(dict.fromkeys(spec for (spec, _, _), m in _cache.items() if m.model_id == model_id))
 
 
 def clear_cache() -> None:

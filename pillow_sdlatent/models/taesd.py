@@ -22,15 +22,23 @@ class _Block(nn.Module):
     def __init__(self, ch: int, pooled: bool) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
             nn.Conv2d(ch, ch, 3, padding=1),
-        )  # fmt: skip
+            nn.ReLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+        )
         self.skip = nn.Identity()
         self.pool = (
-            nn.Sequential(nn.Conv2d(ch, 4 * ch, 1, bias=False), nn.GroupNorm(4, 4 * ch), nn.ReLU(),
-                          nn.Conv2d(4 * ch, ch, 1, bias=False))
-            if pooled else None
-        )  # fmt: skip
+            nn.Sequential(
+                nn.Conv2d(ch, 4 * ch, 1, bias=False),
+                nn.GroupNorm(4, 4 * ch),
+                nn.ReLU(),
+                nn.Conv2d(4 * ch, ch, 1, bias=False),
+            )
+            if pooled
+            else None
+        )
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
