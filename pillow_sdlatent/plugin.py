@@ -53,6 +53,11 @@ class SdlImageFile(ImageFile.ImageFile):
             raise ValueError("image already loaded; reopen the file to read its latents")
         return codec.read_body(self.fp, self.header, self.info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
 
+    def verify(self) -> None:
+        """Check every CRC and decode the latent layer (no model needed); raise on any defect."""
+        self.read_latent_file()
+        super().verify()
+
     def load(self) -> Any:
         if self.tile and self.tile[0].codec_name == "sdl":
             from .pipeline import decode_image

@@ -74,6 +74,15 @@ def test_corrupt_payload_raises_on_load(kodak_crop: Image.Image) -> None:
         im.load()
 
 
+def test_verify_checks_crcs_without_model(kodak_crop: Image.Image, monkeypatch) -> None:
+    data = bytearray(roundtrip(kodak_crop)[0])
+    monkeypatch.setenv("SDLATENT_MODEL", "/nonexistent")  # verify must not need the model
+    Image.open(io.BytesIO(bytes(data))).verify()
+    data[-30] ^= 0x40
+    with pytest.raises(OSError, match="CRC mismatch"):
+        Image.open(io.BytesIO(bytes(data))).verify()
+
+
 def test_truncated_file(kodak_crop: Image.Image) -> None:
     from PIL import ImageFile
 
