@@ -92,12 +92,27 @@ def encode_image(
         model = load_model(model, device or options.DEVICE, options.DTYPE)
     stored, rgb, alpha = split_image(im)
     latents = encode_latents(model, rgb)
+    return latents_to_chunks(latents, model, settings, im.size, stored, alpha, info=info, extra=extra)
+
+
+def latents_to_chunks(
+    latents: np.ndarray,
+    model: Autoencoder,
+    settings: QuantSettings,
+    size: tuple[int, int],
+    mode: str = "RGB",
+    alpha: np.ndarray | None = None,
+    *,
+    info: dict | None = None,
+    extra: list[Chunk] | None = None,
+) -> list[Chunk]:
+    """Quantize and code latents the model made of an image of ``size`` (width, height)."""
     fields, payload, palette = quantize(latents, settings)
     c, lh, lw = latents.shape
     header = Header(
-        width=im.width,
-        height=im.height,
-        mode=stored,
+        width=size[0],
+        height=size[1],
+        mode=mode,
         channels=c,
         latent_height=lh,
         latent_width=lw,
