@@ -289,8 +289,8 @@ def latent_loader(path: str | os.PathLike[str]) -> torch.Tensor:
 def image_loader(path: str | os.PathLike[str]) -> Image.Image:
     """``loader`` for ``torchvision.datasets.ImageFolder``: the decoded image, as RGB.
 
-    ``ImageFolder(root, loader=image_loader, extensions=(".sdl",))``;
-    torchvision's default extension list does not include ``.sdl``.
+    ``ImageFolder(root, loader=image_loader, is_valid_file=lambda p: p.endswith(".sdl"))``
+    (ImageFolder's fixed extension list does not include ``.sdl``).
     """
     with Image.open(path) as im:
         return im.convert("RGB")
