@@ -44,9 +44,21 @@ register_sdlatent_opener()
 __all__ = ["FormatError", "SdlImageFile", "open", "options", "register_sdlatent_opener"]
 
 
-def __getattr__(name: str) -> Any:  # lazy access to torch-backed helpers
-    if name in ("load_model",):
-        from . import models
+#: Names served by torch-backed modules, imported on first access (``import pillow_sdlatent`` stays torch-free).
+_LAZY = {
+    "load_model": "models",
+    "read_latents": "latents",
+    "write_latents": "latents",
+    "encode_images": "latents",
+    "decode_latents": "latents",
+    "latent_loader": "latents",
+    "image_loader": "latents",
+}
 
-        return getattr(models, name)
-    raise AttributeError(name)
+
+def __getattr__(name: str) -> Any:  # lazy access to torch-backed helpers
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,547 @@
+"""The ``sdlatent`` command line: ``convert``, ``info`` and ``bench``.
+
+``info`` reads headers with the model-free core only: it never imports torch.
+``convert`` imports the model layer when it has something to encode or decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import __version__
+from ._atomic import is_temp_name
+from .core import codec
+from .core.container import SIGNATURE, FormatError, read_chunk
+
+SDL_SUFFIX = ".sdl"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# ---------------------------------------------------------------- info
+
+
+def file_info(path: Path) -> dict[str, Any]:
+    """Header, chunk list and bit rate of one .sdl file, read without any model."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, meta = codec.read_head(f)
+        f.seek(len(SIGNATURE))
+        chunks = []
+        while (chunk := _next_chunk(f)) is not None:
+            chunks.append({"type": chunk[0], "length": chunk[1]})
+            if chunk[0] == "SEND":
+                break
+    levels = [int(v) for v in header.levels]
+    return {
+        "file": str(path),
+        "file_size": size,
+        "version": f"{header.version[0]}.{header.version[1]}",
+        "width": header.width,
+        "height": header.height,
+        "mode": header.mode,
+        "model_id": header.model_id,
+        "fingerprint": header.fingerprint.hex(),
+        "downscale": header.downscale,
+        "latent_shape": list(header.latent_shape),
+        "quantizer": header.quantizer,
+        "levels": levels,
+        "palette_size": header.palette_size,
+        "coder": header.coder,
+        "metadata": sorted(k for k in meta if not k.startswith("_")),
+        "chunks": chunks,
+        "bpp": size * 8 / (header.width * header.height),
+    }
+
+
+def _next_chunk(f: Any) -> tuple[str, int] | None:
+    start = f.tell()
+    head = f.read(8)
+    if len(head) < 8:
+        return None if not head else ("(truncated)", len(head))
+    f.seek(start)
+    chunk = read_chunk(f)  # checks length, type and CRC
+    name = head[4:].decode("ascii", "replace")
+    if chunk is None:  # ancillary chunk dropped for a bad CRC: list it anyway
+        return f"{name} (bad CRC)", int.from_bytes(head[:4], "big")
+    return name, len(chunk.payload)
+
+
+def _format_info(d: dict[str, Any]) -> str:
+    levels = d["levels"]
+    lv = str(levels[0]) if len(set(levels)) == 1 else f"{min(levels)}..{max(levels)}"
+    quant = d["quantizer"] + (f", {d['palette_size']} entries" if d["quantizer"] == "palette" else "")
+    c, h, w = d["latent_shape"]
+    lines = [
+        f"{d['file']}: {d['width']}x{d['height']} {d['mode']}, {d['file_size']} bytes, {d['bpp']:.4f} bpp",
+        f"  model        {d['model_id']}",
+        f"  fingerprint  {d['fingerprint']}",
+        f"  latents      {c} x {h} x {w} (1/{d['downscale']} scale)",
+        f"  quantizer    {quant}, {lv} levels per channel",
+        f"  coder        {d['coder']}",
+        "  chunks       " + ", ".join(f"{ch['type']} {ch['length']}" for ch in d["chunks"]),
+        f"  version      {d['version']}" + (f"; metadata: {', '.join(d['metadata'])}" if d["metadata"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    results, failed = [], 0
+    for name in args.files:
+        try:
+            d = file_info(Path(name))
+        except (OSError, ValueError) as exc:  # FormatError is both
+            failed += 1
+            results.append({"file": name, "error": _describe(exc)})
+            if not args.json:
+                print(f"sdlatent info: {name}: {_describe(exc)}", file=sys.stderr)
+            continue
+        results.append(d)
+        if not args.json:
+            print(_format_info(d))
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    return EXIT_FAILED if failed else 0
+
+
+# ---------------------------------------------------------------- convert
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+
+    @property
+    def decode(self) -> bool:
+        return is_sdl(self.src)
+
+
+@dataclass
+class Stats:
+    converted: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def is_sdl(path: Path) -> bool:
+    if path.suffix.lower() == SDL_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == SIGNATURE
+    except OSError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file: {exc.filename}"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (FormatError, ValueError)) else f"{type(exc).__name__}: {text}"
+
+
+def _image_suffixes() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _walk(folder: Path, suffixes: set[str]) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not is_temp_name(name) and Path(name).suffix.lower() in suffixes:
+                found.append(Path(root) / name)
+    return found
+
+
+def _glob_root(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    keep = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        keep.append(part)
+    return Path(*keep) if keep else Path(".")
+
+
+def _output_suffix(src: Path, to: str | None) -> str:
+    if to:
+        return to
+    return ".png" if is_sdl(src) else SDL_SUFFIX
+
+
+def _normalize_to(to: str | None) -> str | None:
+    if to is None:
+        return None
+    suffix = "." + to.lower().lstrip(".")
+    ext = Image.registered_extensions()
+    if suffix not in ext or ext[suffix] not in Image.SAVE:
+        writable = sorted(s for s, fmt in ext.items() if fmt in Image.SAVE)
+        raise ValueError(f"Pillow cannot write {to!r} files; choose one of {' '.join(writable)}")
+    return suffix
+
+
+def collect_jobs(sources: list[str], out: str | None, to: str | None) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Input files -> jobs with output paths, and errors for inputs that cannot be converted."""
+    errors: list[tuple[str, str]] = []
+    suffixes = _image_suffixes()
+    items: list[tuple[Path, Path]] = []  # (file, root its output path is relative to)
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            files = _walk(p, suffixes)
+            if not files:
+                errors.append((src, "folder holds no image files"))
+            items += [(f, p) for f in files]
+        elif p.exists():
+            items.append((p, p.parent))
+        elif glob.has_magic(src):
+            matches = [Path(m) for m in sorted(glob.glob(src, recursive=True))]
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in suffixes and not is_temp_name(m.name)]
+            if not files:
+                errors.append((src, "no image files match"))
+            items += [(f, _glob_root(src)) for f in files]
+        else:
+            errors.append((src, "no such file or folder"))
+
+    out_path = Path(out) if out else None
+    single_file_out = (
+        out_path is not None
+        and len(items) == 1
+        and len(sources) == 1
+        and Path(sources[0]).is_file()
+        and bool(out_path.suffix)
+        and not out_path.is_dir()
+        and not out.endswith(("/", os.sep))  # type: ignore[union-attr]
+    )
+    if single_file_out:
+        to = _normalize_to(out_path.suffix)  # type: ignore[union-attr]
+
+    jobs: list[Job] = []
+    inputs = {f.resolve() for f, _ in items}
+    taken: dict[Path, Path] = {}
+    for f, root in items:
+        suffix = _output_suffix(f, to)
+        if single_file_out:
+            dst = out_path
+        elif out_path is not None:
+            dst = out_path / f.relative_to(root).with_suffix(suffix)
+        else:
+            dst = f.with_suffix(suffix)
+        assert dst is not None
+        if is_sdl(f) and suffix == SDL_SUFFIX:
+            errors.append((str(f), "is already .sdl (to re-encode, decode it to PNG first)"))
+        elif not is_sdl(f) and suffix != SDL_SUFFIX:
+            errors.append((str(f), f"neither input nor output ({suffix}) is .sdl"))
+        elif dst.resolve() in inputs:
+            errors.append((str(f), f"output {dst} would overwrite an input; choose another -o folder"))
+        elif dst.resolve() in taken:
+            errors.append((str(f), f"output {dst} is also the output of {taken[dst.resolve()]}"))
+        else:
+            taken[dst.resolve()] = f
+            jobs.append(Job(f, dst))
+    return jobs, errors
+
+
+class Converter:
+    """Runs the jobs in batches, reporting each failure and going on."""
+
+    def __init__(self, args: argparse.Namespace, stats: Stats, progress: Any) -> None:
+        self.args = args
+        self.stats = stats
+        self.progress = progress
+        self._encoder: Any = None
+        self._settings: Any = None
+
+    def fail(self, job: Job | str, exc: BaseException | str) -> None:
+        name = str(job.src) if isinstance(job, Job) else job
+        msg = exc if isinstance(exc, str) else _describe(exc)
+        self.stats.failures.append((name, msg))
+        self.progress.write(f"sdlatent: error: {name}: {msg}", file=sys.stderr)
+        self.progress.update(1)
+
+    def done(self, job: Job, size_out: int) -> None:
+        self.stats.converted += 1
+        self.stats.bytes_in += job.src.stat().st_size
+        self.stats.bytes_out += size_out
+        self.progress.update(1)
+
+    # encoding: images -> .sdl
+
+    def encode(self, jobs: list[Job]) -> None:
+        from .core.settings import settings_for
+        from .models import load_model
+
+        try:
+            model = load_model(self.args.model, self.args.device)
+            settings = settings_for(self.args.quality, self.args.method, model.latent_channels)
+        except Exception as exc:
+            for job in jobs:
+                self.fail(job, f"cannot load the encoder: {_describe(exc)}")
+            return
+        bs = self.args.batch_size
+        for start in range(0, len(jobs), bs):
+            self._encode_batch(model, settings, jobs[start : start + bs])
+
+    def _encode_batch(self, model: Any, settings: Any, jobs: list[Job]) -> None:
+        from .pipeline import encode_batch, split_image
+
+        loaded = []
+        for job in jobs:
+            try:
+                with Image.open(job.src) as im:
+                    im.load()
+                    stored, rgb, alpha = split_image(im)
+                    info = {k: im.info[k] for k in ("exif", "icc_profile", "xmp") if im.info.get(k)}
+                    loaded.append((job, im.size, stored, rgb, alpha, info))
+            except Exception as exc:
+                self.fail(job, f"cannot read image: {_describe(exc)}")
+        if not loaded:
+            return
+        try:
+            latents = encode_batch(model, [item[3] for item in loaded], len(loaded))
+        except Exception:
+            if len(loaded) == 1:
+                raise
+            # One image breaks the batch (e.g. out of memory at its size): retry one by one.
+            latents = []
+            for item in loaded:
+                try:
+                    latents.append(encode_batch(model, [item[3]], 1)[0])
+                except Exception as exc:
+                    latents.append(exc)
+        for (job, size, stored, _, alpha, info), z in zip(loaded, latents, strict=True):
+            if isinstance(z, BaseException):
+                self.fail(job, z)
+                continue
+            try:
+                self._write_sdl(job, model, settings, z, size, stored, alpha, info)
+            except Exception as exc:
+                self.fail(job, exc)
+
+    def _write_sdl(self, job: Job, model: Any, settings: Any, z: Any, size: tuple[int, int], stored: str,
+                   alpha: Any, info: dict) -> None:  # fmt: skip
+        from ._atomic import atomic_write
+        from .core.container import write_chunks
+        from .latents import latent_chunks
+
+        if isinstance(info.get("exif"), Image.Exif):
+            info["exif"] = info["exif"].tobytes()
+        chunks = latent_chunks(z, model, size=size, mode=stored, alpha=alpha, settings=settings, info=info)
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(job.dst) as f:
+            write_chunks(f, chunks)
+            written = f.tell()
+        self.done(job, written)
+
+    # decoding: .sdl -> images
+
+    def decode(self, jobs: list[Job]) -> None:
+        bs = self.args.batch_size
+        for start in range(0, len(jobs), bs):
+            self._decode_batch(jobs[start : start + bs])
+
+    def _decode_batch(self, jobs: list[Job]) -> None:
+        from .latents import read_latent_file
+        from .models import model_for_file
+        from .pipeline import decode_batch
+
+        groups: dict[int, tuple[Any, list[tuple[Job, Any]]]] = {}
+        for job in jobs:
+            try:
+                lf = read_latent_file(job.src)
+                model = model_for_file(lf.header, self.args.model, device=self.args.device)
+            except Exception as exc:
+                self.fail(job, exc)
+                continue
+            groups.setdefault(id(model), (model, []))[1].append((job, lf))
+        for model, items in groups.values():
+            try:
+                rgbs: list[Any] = decode_batch(
+                    model, [lf.latents() for _, lf in items], [(lf.header.width, lf.header.height) for _, lf in items],
+                    len(items),
+                )  # fmt: skip
+            except Exception as exc:
+                for job, _ in items:
+                    self.fail(job, exc)
+                continue
+            for (job, lf), rgb in zip(items, rgbs, strict=True):
+                try:
+                    self._write_image(job, lf, rgb)
+                except Exception as exc:
+                    self.fail(job, exc)
+
+    def _write_image(self, job: Job, lf: Any, rgb: Any) -> None:
+        from ._atomic import atomic_write
+        from .latents import image_from_rgb
+
+        im = image_from_rgb(lf, rgb)
+        fmt = Image.registered_extensions()[job.dst.suffix.lower()]
+        params = {k: im.info[k] for k in ("exif", "icc_profile") if im.info.get(k)}
+        if self.args.quality is not None:
+            params["quality"] = self.args.quality
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(job.dst) as f:
+            im.save(f, format=fmt, **params)
+            written = f.tell()
+        self.done(job, written)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def summary(stats: Stats, seconds: float) -> str:
+    rate = stats.converted / seconds if seconds > 0 else 0.0
+    parts = [
+        f"{stats.converted} converted, {stats.skipped} skipped"
+        + (" (outputs exist; --overwrite replaces them)" if stats.skipped else "")
+        + f", {len(stats.failures)} failed in {seconds:.1f} s ({rate:.2f} images/s)"
+    ]
+    if stats.converted:
+        ratio = stats.bytes_in / stats.bytes_out if stats.bytes_out else float("inf")
+        parts.append(f"{_human(stats.bytes_in)} in, {_human(stats.bytes_out)} out (ratio {ratio:.2f}:1)")
+    return "sdlatent: " + "; ".join(parts)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        to = _normalize_to(args.to)
+        jobs, errors = collect_jobs(args.sources, args.output, to)
+    except ValueError as exc:
+        print(f"sdlatent convert: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from tqdm import tqdm
+
+    stats = Stats()
+    for name, msg in errors:
+        stats.failures.append((name, msg))
+        print(f"sdlatent: error: {name}: {msg}", file=sys.stderr)
+    todo = []
+    for job in jobs:
+        if job.dst.exists() and not args.overwrite:
+            stats.skipped += 1
+        else:
+            todo.append(job)
+    start = time.perf_counter()
+    disable = True if args.quiet else None  # None: a bar only on a terminal
+    with tqdm(total=len(todo), unit="img", desc="sdlatent", file=sys.stderr, disable=disable) as bar:
+        conv = Converter(args, stats, bar)
+        try:
+            enc = [j for j in todo if not j.decode]
+            dec = [j for j in todo if j.decode]
+            if enc:
+                conv.encode(enc)
+            if dec:
+                conv.decode(dec)
+        except KeyboardInterrupt:
+            bar.close()
+            print(summary(stats, time.perf_counter() - start), file=sys.stderr)
+            print("sdlatent: interrupted; outputs not yet written were left untouched", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    print(summary(stats, time.perf_counter() - start))
+    if stats.failures:
+        print(f"failed ({len(stats.failures)}):", file=sys.stderr)
+        for name, msg in stats.failures:
+            print(f"  {name}: {msg}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def find_benchmark() -> Path | None:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = base / "benchmarks" / "rd.py"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_benchmark(bench_args: list[str]) -> int:
+    script = find_benchmark()
+    if script is None:
+        print(
+            "sdlatent bench: benchmarks/rd.py not found (it ships with the source checkout, not the wheel); "
+            "run this from the root of a pillow-sdlatent checkout",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return subprocess.call([sys.executable, str(script), *bench_args])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlatent", description="Images stored as compressed autoencoder latents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert images to .sdl, or .sdl files to PNG/JPEG/...",
+        description="Convert files, folders (recursively) and globs: images to .sdl, .sdl to images. Outputs go "
+        "next to the inputs, or under -o DIR keeping the folder structure; existing outputs are skipped.",
+    )
+    conv.add_argument("sources", nargs="+", metavar="SRC", help="file, folder or glob (quote it: 'photos/**/*.jpg')")
+    conv.add_argument("-o", "--output", metavar="DIR", help="output folder (or file name, for one input file)")
+    conv.add_argument("--to", metavar="EXT", help="output format by suffix: sdl (default for images), png "
+                      "(default for .sdl), jpg, webp, ...")  # fmt: skip
+    conv.add_argument("-q", "--quality", type=int, metavar="0-100", help="quality (default 75)")
+    conv.add_argument("--method", default="auto", choices=("auto", "scalar", "palette", "original"),
+                      help="quantizer (default auto)")  # fmt: skip
+    conv.add_argument("--model", help="model spec: alias, hub id or folder (default: SDLATENT_MODEL, then the SD VAE)"
+                      "; when decoding, overrides the model the file names (its fingerprint must match)")  # fmt: skip
+    conv.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: SDLATENT_DEVICE, then the best available)")
+    conv.add_argument("-b", "--batch-size", type=int, default=8, metavar="N", help="images per forward pass (8)")
+    conv.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="show .sdl headers (no model, no torch)")
+    info.add_argument("files", nargs="+", metavar="FILE")
+    info.add_argument("--json", action="store_true", help="a JSON list, one object per file")
+    info.set_defaults(func=cmd_info)
+
+    # Listed for --help only: main() hands everything after "bench" to the script unparsed.
+    sub.add_parser("bench", help="run the rate-distortion benchmark benchmarks/rd.py with the arguments given")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark, --help included
+        return run_benchmark(argv[1:])
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be at least 1")
+    if getattr(args, "quality", None) is not None and not 0 <= args.quality <= 100:
+        parser.error("--quality must be in 0..100")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sdlatent: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,307 @@
+"""The latent API: .sdl as a storage format for latents, for training and inference pipelines.
+
+Latent convention. Every tensor here is in the model's *scaled* latent space,
+the space a diffusion UNet/transformer consumes and produces:
+
+* ``AutoencoderKL`` (SD 1.x/2.x, SDXL, SD3, FLUX.1): ``(mean - shift_factor) *
+  scaling_factor`` of the encoder's posterior (the mean, never a sample), e.g.
+  ``mean * 0.18215`` for ``stabilityai/sd-vae-ft-mse``. Undo it with
+  ``z / scaling_factor + shift_factor`` before calling ``vae.decode`` yourself.
+* TAESD-family models: their latents are already in that space.
+
+So a latent read from a file can go straight into a diffusion model, and a
+diffusion model's output can go straight into :func:`write_latents`.
+
+Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import IO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import options
+from ._atomic import atomic_write
+from .core import codec
+from .core.container import write_chunks
+from .core.header import FINGERPRINT_SIZE, Header
+from .core.settings import QuantSettings, settings_for
+from .models import Autoencoder, load_model
+from .pipeline import decode_batch, encode_batch, split_image
+
+PathOrFile = str | os.PathLike[str] | IO[bytes]
+LatentArray = torch.Tensor | np.ndarray
+
+
+def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> codec.LatentFile:
+    """The model-free content of a file: header, symbols, alpha plane, metadata (no torch needed)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return read_latent_file(f, allow_truncated=allow_truncated)
+    header, info = codec.read_head(source)
+    return codec.read_body(source, header, info, allow_truncated=allow_truncated)
+
+
+def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:
+    """The dequantized latents of an .sdl file and its header, without running any model.
+
+    Returns ``(latents, header)``: ``latents`` is a float32 CPU tensor of shape
+    ``(C, h, w)`` (``h, w`` = image size / ``header.downscale``, rounded up) in
+    the model's scaled latent space (see the module docstring); ``header``
+    names the model (``header.model_id``, ``header.fingerprint``), the image
+    size and mode, and the quantizer. The values are bit-exact: every platform
+    reads the same float32 numbers.
+    """
+    lf = read_latent_file(source)
+    return torch.from_numpy(lf.latents()), lf.header
+
+
+def _as_numpy(latents: LatentArray) -> np.ndarray:
+    if isinstance(latents, torch.Tensor):
+        latents = latents.detach().to("cpu", torch.float32).numpy()
+    arr = np.asarray(latents, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"latents must have shape (C, h, w) (or (1, C, h, w)), got {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("latents contain NaN or infinity; they cannot be stored")
+    return arr
+
+
+def _model_identity(
+    model: Autoencoder | str | os.PathLike[str] | None, model_id: str | None, fingerprint: bytes | str | None,
+    downscale: int | None, channels: int,
+) -> tuple[str, bytes, int]:  # fmt: skip
+    if model_id is not None:
+        if model is not None:
+            raise TypeError("pass either model=... or model_id=... (with fingerprint=...), not both")
+        if fingerprint is None:
+            raise TypeError(
+                "model_id=... needs fingerprint=... (the model's 32-byte weights fingerprint, "
+                "load_model(spec).fingerprint); pass model=spec to have it computed"
+            )
+        fp = bytes.fromhex(fingerprint) if isinstance(fingerprint, str) else bytes(fingerprint)
+        if len(fp) != FINGERPRINT_SIZE:
+            raise ValueError(f"fingerprint must be {FINGERPRINT_SIZE} bytes, got {len(fp)}")
+        return model_id, fp, downscale or 8
+    if fingerprint is not None:
+        raise TypeError("fingerprint=... goes with model_id=...; a loaded model brings its own")
+    if not isinstance(model, Autoencoder):
+        # Only the identity is needed: the CPU copy is loaded once and cached.
+        model = load_model(model, "cpu")
+    if model.latent_channels != channels:
+        raise ValueError(
+            f"latents have {channels} channels but model {model.model_id!r} has {model.latent_channels}: "
+            f"they were not made by this model"
+        )
+    if downscale is not None and downscale != model.downscale:
+        raise ValueError(f"downscale {downscale} differs from model {model.model_id!r}'s {model.downscale}")
+    return model.model_id, model.fingerprint, model.downscale
+
+
+def latent_chunks(
+    latents: LatentArray,
+    model: Autoencoder | str | os.PathLike[str] | None = None,
+    *,
+    model_id: str | None = None,
+    fingerprint: bytes | str | None = None,
+    downscale: int | None = None,
+    size: tuple[int, int] | None = None,
+    mode: str = "RGB",
+    alpha: np.ndarray | None = None,
+    quality: int | None = None,
+    method: str = "auto",
+    settings: QuantSettings | None = None,
+    info: dict[str, bytes | str] | None = None,
+) -> list:
+    """The chunks :func:`write_latents` writes (see there)."""
+    z = _as_numpy(latents)
+    c, lh, lw = z.shape
+    mid, fp, f = _model_identity(model, model_id, fingerprint, downscale, c)
+    width, height = size if size is not None else (lw * f, lh * f)
+    if settings is None:
+        settings = settings_for(quality, method, c)
+    elif quality is not None or method != "auto":
+        raise TypeError("pass either settings=... or quality/method, not both")
+    fields, payload, palette = codec.quantize(z, settings)
+    header = Header(
+        width=width, height=height, mode=mode, channels=c, latent_height=lh, latent_width=lw, model_id=mid,
+        fingerprint=fp, downscale=f, coder=settings.coder, **fields,
+    )  # fmt: skip
+    return codec.build_chunks(header, payload, palette, alpha, info)
+
+
+def write_latents(
+    target: PathOrFile,
+    latents: LatentArray,
+    model: Autoencoder | str | os.PathLike[str] | None = None,
+    *,
+    model_id: str | None = None,
+    fingerprint: bytes | str | None = None,
+    downscale: int | None = None,
+    size: tuple[int, int] | None = None,
+    mode: str = "RGB",
+    alpha: np.ndarray | None = None,
+    quality: int | None = None,
+    method: str = "auto",
+    settings: QuantSettings | None = None,
+    info: dict[str, bytes | str] | None = None,
+) -> None:
+    """Store latents made elsewhere (an encoder, a diffusion model's output) as a valid .sdl file.
+
+    latents: ``(C, h, w)`` (or ``(1, C, h, w)``) tensor or array in the model's
+        scaled latent space (see the module docstring).
+    model: the autoencoder that decodes them: a loaded :class:`Autoencoder` or a
+        model spec (alias, hub id, folder; default ``SDLATENT_MODEL``). The file
+        records its id and weights fingerprint, so it decodes only with those
+        weights. The spec is loaded (once, on the CPU) to compute them.
+    model_id, fingerprint, downscale: the identity given directly instead of
+        ``model`` (fingerprint: 32 bytes or 64 hex digits), to write without
+        loading any weights.
+    size: image ``(width, height)`` the latents decode to, cropped from the
+        decoded ``(w * downscale, h * downscale)`` (default: no crop).
+    mode, alpha: stored mode; ``"LA"``/``"RGBA"`` need an alpha plane
+        ``(height, width)`` uint8.
+    quality, method: as for ``Image.save``; or ``settings`` for full control
+        (e.g. ``QuantSettings(levels=65536)`` for near-lossless 16-bit storage).
+
+    Reading the file back with :func:`read_latents` gives the quantized latents
+    bit for bit. A path is written atomically (a temporary file renamed into
+    place), so a failure or interruption never leaves a partial file.
+    """
+    chunks = latent_chunks(
+        latents, model, model_id=model_id, fingerprint=fingerprint, downscale=downscale, size=size, mode=mode,
+        alpha=alpha, quality=quality, method=method, settings=settings, info=info,
+    )  # fmt: skip
+    if isinstance(target, (str, os.PathLike)):
+        with atomic_write(target) as f:
+            write_chunks(f, chunks)
+    else:
+        write_chunks(target, chunks)
+
+
+def _resolve(model: Autoencoder | str | os.PathLike[str] | None, device: str | None) -> Autoencoder:
+    if isinstance(model, Autoencoder):
+        return model
+    return load_model(model, device or options.DEVICE, options.DTYPE)
+
+
+def encode_images(
+    images: Sequence[Image.Image | np.ndarray] | torch.Tensor,
+    model: Autoencoder | str | os.PathLike[str] | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int = 8,
+) -> list[torch.Tensor] | torch.Tensor:
+    """Latents of many images, in batches (images of equal size share a forward pass).
+
+    images: PIL images (any mode; converted to RGB, alpha dropped) or ``(H, W, 3)``
+        uint8 arrays -> a list of ``(C, h, w)`` float32 CPU tensors; or a float
+        tensor ``(N, 3, H, W)`` in [0, 1] (H, W multiples of the model's
+        downscale) -> a ``(N, C, h, w)`` tensor.
+    Latents are in the scaled space (see the module docstring). Store them
+    with :func:`write_latents`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ae = _resolve(model, device)
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"an image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[2] % ae.downscale or images.shape[3] % ae.downscale:
+            raise ValueError(f"image height and width must be multiples of {ae.downscale}; pad or crop first")
+        parts = [ae.encode(images[i : i + batch_size]).cpu().float() for i in range(0, len(images), batch_size)]
+        if not parts:
+            f = ae.downscale
+            return images.new_zeros((0, ae.latent_channels, images.shape[2] // f, images.shape[3] // f))
+        return torch.cat(parts)
+    rgbs = [split_image(im)[1] if isinstance(im, Image.Image) else _rgb_array(im) for im in images]
+    return [torch.from_numpy(z) for z in encode_batch(ae, rgbs, batch_size)]
+
+
+def _rgb_array(arr: np.ndarray) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"image arrays must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
+    return a
+
+
+def decode_latents(
+    latents: Sequence[LatentArray] | torch.Tensor,
+    model: Autoencoder | str | os.PathLike[str] | None = None,
+    *,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+) -> list[Image.Image]:
+    """RGB images of many latents, in batches (latents of equal shape share a forward pass).
+
+    latents: ``(N, C, h, w)`` tensor or a sequence of ``(C, h, w)`` tensors/arrays
+        in the scaled latent space.
+    model: the decoder (loaded model or spec; default ``SDLATENT_MODEL``). For
+        latents read from files, ``pillow_sdlatent.models.model_for_file(header)``
+        finds the file's model and checks its weights fingerprint.
+    sizes: ``(width, height)`` of each image (e.g. ``(header.width,
+        header.height)``); default ``(w, h) * downscale``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ae = _resolve(model, device)
+    arrays = [_as_numpy(z) for z in latents]
+    for z in arrays:
+        if z.shape[0] != ae.latent_channels:
+            raise ValueError(f"latents have {z.shape[0]} channels; model {ae.model_id!r} has {ae.latent_channels}")
+    if sizes is None:
+        sizes = [(z.shape[2] * ae.downscale, z.shape[1] * ae.downscale) for z in arrays]
+    elif len(sizes) != len(arrays):
+        raise ValueError(f"{len(sizes)} sizes given for {len(arrays)} latents")
+    rgbs = decode_batch(ae, arrays, list(sizes), batch_size)
+    return [Image.fromarray(rgb, "RGB") for rgb in rgbs]
+
+
+def image_from_rgb(lf: codec.LatentFile, rgb: np.ndarray) -> Image.Image:
+    """The Pillow image of a decoded file: its stored mode, alpha plane and metadata."""
+    im = Image.fromarray(rgb, "RGB")
+    if lf.header.mode in ("L", "LA"):
+        im = im.convert("L")
+    if lf.alpha is not None:
+        im.putalpha(Image.fromarray(lf.alpha, "L"))
+    im.info.update({k: v for k, v in lf.info.items() if not k.startswith("_")})
+    return im
+
+
+def latent_loader(path: str | os.PathLike[str]) -> torch.Tensor:
+    """``loader`` for ``torchvision.datasets.DatasetFolder``: a file's latents, no decoder run.
+
+    ``DatasetFolder(root, loader=latent_loader, extensions=(".sdl",))`` yields
+    ``(latents (C, h, w), class index)``: a latent-diffusion training set read
+    straight from .sdl files.
+    """
+    return read_latents(path)[0]
+
+
+def image_loader(path: str | os.PathLike[str]) -> Image.Image:
+    """``loader`` for ``torchvision.datasets.ImageFolder``: the decoded image, as RGB.
+
+    ``ImageFolder(root, loader=image_loader, is_valid_file=lambda p: p.endswith(".sdl"))``
+    (ImageFolder's fixed extension list does not include ``.sdl``).
+    """
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+__all__ = [
+    "decode_latents",
+    "encode_images",
+    "image_loader",
+    "latent_loader",
+    "read_latent_file",
+    "read_latents",
+    "write_latents",
+]

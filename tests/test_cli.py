@@ -1,0 +1,249 @@
+"""The ``sdlatent`` command line, run as users run it: in a subprocess, on a folder of small images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pillow_sdlatent  # noqa: F401  (registers the format)
+from pillow_sdlatent import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _model(monkeypatch: pytest.MonkeyPatch, taesd_dir: Path) -> None:
+    monkeypatch.setenv("SDLATENT_MODEL", str(taesd_dir))  # for decoding in this process too
+
+
+@pytest.fixture
+def env(taesd_dir: Path) -> dict[str, str]:
+    e = dict(os.environ, SDLATENT_MODEL=str(taesd_dir), SDLATENT_DEVICE="cpu", OMP_NUM_THREADS="1")
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    return e
+
+
+def sdlatent(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pillow_sdlatent", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def images(tmp_path: Path, kodak_crop: Image.Image) -> Path:
+    """imgs/a.png (RGB), imgs/sub/b.jpg (RGB), imgs/c.png (RGBA), imgs/broken.png (corrupt): 48x40 each."""
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    kodak_crop.crop((0, 0, 48, 40)).save(folder / "a.png")
+    kodak_crop.crop((40, 10, 88, 50)).save(folder / "sub" / "b.jpg", quality=95)
+    rgba = kodak_crop.crop((20, 20, 68, 60)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((48, 40)))
+    rgba.save(folder / "c.png")
+    (folder / "broken.png").write_bytes((folder / "a.png").read_bytes()[:60])  # a cut PNG
+    return folder
+
+
+def test_convert_both_ways_with_a_corrupt_input(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    r = sdlatent(["convert", str(images), "-o", str(out), "--batch-size", "2"], env)
+    assert r.returncode == 1, r.stderr  # one file failed
+    assert "broken.png" in r.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.sdl", "c.sdl", "sub", "sub/b.sdl"]
+    assert "3 converted, 0 skipped, 1 failed" in r.stdout and "ratio" in r.stdout
+    with Image.open(out / "c.sdl") as im:
+        assert im.format == "SDL" and im.mode == "RGBA" and im.size == (48, 40)
+
+    back = tmp_path / "back"
+    r = sdlatent(["convert", str(out), "-o", str(back)], env)
+    assert r.returncode == 0, r.stderr
+    assert "3 converted, 0 skipped, 0 failed" in r.stdout
+    for name, mode in (("a.png", "RGB"), ("c.png", "RGBA"), ("sub/b.png", "RGB")):
+        with Image.open(back / name) as im:
+            assert im.format == "PNG" and im.mode == mode and im.size == (48, 40)
+    # the decoded PNG is the image the plugin decodes from the .sdl
+    with Image.open(out / "a.sdl") as sdl, Image.open(back / "a.png") as png:
+        assert np.array_equal(np.asarray(sdl), np.asarray(png))
+    with Image.open(images / "c.png") as src, Image.open(back / "c.png") as png:
+        assert np.array_equal(np.asarray(src.getchannel("A")), np.asarray(png.getchannel("A")))
+
+
+def test_skip_existing_unless_overwrite(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
+    (images / "broken.png").unlink()
+    src = images / "a.png"
+    dst = tmp_path / "a.sdl"
+    dst.write_bytes(b"placeholder")
+    r = sdlatent(["convert", str(src), "-o", str(dst)], env)
+    assert r.returncode == 0 and "0 converted, 1 skipped" in r.stdout
+    assert dst.read_bytes() == b"placeholder"
+    r = sdlatent(["convert", str(src), "-o", str(dst), "--overwrite", "--quality", "50"], env)
+    assert r.returncode == 0 and "1 converted, 0 skipped" in r.stdout, r.stderr
+    with Image.open(dst) as im:
+        assert im.format == "SDL"
+
+
+INTERRUPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pillow_sdlatent import _atomic, cli
+
+    def die(fd):  # the process dies after writing its data, before the rename
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise KeyboardInterrupt
+
+    _atomic.os.fsync = die
+    sys.exit(cli.main(sys.argv[2:]))
+    """
+)
+
+
+def _interrupted(how: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", INTERRUPT, how, "convert", *args], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_killed_write_leaves_no_partial_file(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "a.sdl"
+    r = _interrupted("kill", [str(images / "a.png"), "-o", str(dst)], env)
+    assert r.returncode == -9 and not dst.exists()
+    # at most a hidden temporary file remains, which folder conversion ignores
+    assert all(p.name.startswith(".a.sdl.") and p.name.endswith(".tmp") for p in out.iterdir())
+    assert cli.collect_jobs([str(out)], None, None)[0] == []
+    # an existing output survives a killed --overwrite intact
+    dst.write_bytes(b"previous version")
+    r = _interrupted("kill", [str(images / "a.png"), "-o", str(dst), "--overwrite"], env)
+    assert r.returncode == -9 and dst.read_bytes() == b"previous version"
+
+
+def test_ctrl_c_removes_the_temporary_file(tmp_path: Path, images: Path, env: dict[str, str]) -> None:
+    dst = tmp_path / "a.sdl"
+    dst.write_bytes(b"previous version")
+    r = _interrupted("ctrl-c", [str(images / "a.png"), "-o", str(dst), "--overwrite"], env)
+    assert r.returncode == 130 and "interrupted" in r.stderr
+    assert dst.read_bytes() == b"previous version"
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["a.sdl"]
+
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+    sys.modules["torch"] = None  # any `import torch` now raises ImportError
+    from pillow_sdlatent import cli
+    rc = cli.main(sys.argv[1:])
+    sys.exit(rc)
+    """
+)
+
+
+def test_info_json_without_torch(tmp_path: Path, kodak_crop: Image.Image, env: dict[str, str]) -> None:
+    from pillow_sdlatent.models import load_model
+
+    path = tmp_path / "k.sdl"
+    kodak_crop.save(path, quality=60)
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "info", "--json", str(path)], env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (d,) = json.loads(r.stdout)
+    model = load_model(env["SDLATENT_MODEL"], "cpu")
+    assert d["file"] == str(path) and d["file_size"] == path.stat().st_size
+    assert (d["width"], d["height"], d["mode"]) == (96, 64, "RGB")
+    assert d["model_id"] == "taesd" and d["fingerprint"] == model.fingerprint.hex()
+    assert d["latent_shape"] == [4, 8, 12] and d["downscale"] == 8
+    assert d["quantizer"] == "scalar" and len(d["levels"]) == 4 and d["palette_size"] == 0
+    assert [c["type"] for c in d["chunks"]] == ["HEAD", "LDAT", "SEND"]
+    assert sum(c["length"] + 12 for c in d["chunks"]) + 8 == d["file_size"]
+    assert d["bpp"] == pytest.approx(d["file_size"] * 8 / (96 * 64))
+
+    # text output, and a non-.sdl file in the list: reported, exit status 1, the others still shown
+    not_sdl = tmp_path / "x.png"
+    kodak_crop.save(not_sdl)
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "info", str(path), str(not_sdl)], env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1
+    assert "96x64 RGB" in r.stdout and model.fingerprint.hex() in r.stdout
+    assert "x.png: not an SDL file" in r.stderr
+
+
+def test_info_through_python_m_does_not_import_torch(tmp_path: Path, kodak_crop: Image.Image, env) -> None:
+    path = tmp_path / "k.sdl"
+    kodak_crop.save(path)
+    code = (
+        "import runpy, sys; sys.argv = ['sdlatent', 'info', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('pillow_sdlatent', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'info imported torch'\nprint('OK')"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr
+
+
+# ---------------------------------------------------------------- in-process: planning, bench, entry points
+
+
+def _plan(sources: list[Path], out: Path | None = None, to: str | None = None):
+    jobs, errors = cli.collect_jobs([str(s) for s in sources], str(out) if out else None, cli._normalize_to(to))
+    return {(j.src.name, str(j.dst)) for j in jobs}, errors
+
+
+def test_output_paths(tmp_path: Path, images: Path) -> None:
+    jobs, errors = _plan([images], tmp_path / "o")
+    assert ("b.jpg", str(tmp_path / "o" / "sub" / "b.sdl")) in jobs and len(jobs) == 4 and not errors
+    jobs, _ = _plan([images / "a.png"])
+    assert jobs == {("a.png", str(images / "a.sdl"))}
+    jobs, _ = _plan([Path(str(images / "**" / "*.jpg"))], tmp_path / "o")  # a glob keeps the structure below it
+    assert jobs == {("b.jpg", str(tmp_path / "o" / "sub" / "b.sdl"))}
+    jobs, errors = _plan([images / "a.png", tmp_path / "missing.png"], to="webp")
+    assert not jobs
+    assert errors == [
+        (str(tmp_path / "missing.png"), "no such file or folder"),
+        (str(images / "a.png"), "neither input nor output (.webp) is .sdl"),
+    ]
+    with pytest.raises(ValueError, match="cannot write"):
+        cli._normalize_to("nosuchformat")
+
+
+def test_never_overwrites_an_input(tmp_path: Path, images: Path) -> None:
+    # a.png -> a.sdl and a.sdl -> a.png in one folder: each output is the other's input
+    (images / "a.sdl").write_bytes(b"\x89SDL\r\n\x1a\n")
+    jobs, errors = _plan([images / "a.png", images / "a.sdl"])
+    assert not any(src in ("a.png", "a.sdl") for src, _ in jobs)
+    assert len([m for _, m in errors if "would overwrite an input" in m]) == 2
+    # two inputs with one output name
+    Image.new("RGB", (8, 8)).save(images / "c.jpg")
+    jobs, errors = _plan([images / "c.png", images / "c.jpg"])
+    assert len(jobs) == 1 and "also the output of" in errors[0][1]
+
+
+def test_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(cli, "find_benchmark", lambda: None)
+    assert cli.main(["bench"]) == 2
+    assert "benchmarks/rd.py not found" in capfd.readouterr().err
+    monkeypatch.undo()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "rd.py").write_text("import sys; print(sys.argv[1:]); sys.exit(3)")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--images", "3", "--help"]) == 3  # its exit status, arguments passed through
+    assert "['--images', '3', '--help']" in capfd.readouterr().out
+
+
+def test_console_script_entry() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["sdlatent"] == "pillow_sdlatent.cli:main"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert", "x.png", "--batch-size", "0"])
+    assert exc.value.code == 2
