@@ -179,8 +179,9 @@ def test_missing_model_error_points_to_the_preview(files: dict[str, bytes], monk
     monkeypatch.delenv("SDLATENT_MODEL_PATH", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    from pillow_sdlatent.models import ModelNotFoundError
+    from pillow_sdlatent.models import ModelNotFoundError, clear_cache
 
+    clear_cache()  # a model loaded earlier in this process would be found by its id
     im = Image.open(io.BytesIO(files["RGB"]))
     with pytest.raises(ModelNotFoundError, match=r"not available here.*preview.*im\.draft\('RGB', \(11, 7\)\)"):
         im.load()
