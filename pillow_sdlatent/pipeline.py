@@ -17,6 +17,7 @@ from . import options
 from .core.codec import LatentFile, build_chunks, quantize
 from .core.container import Chunk
 from .core.header import Header
+from .core.preview import preview_chunk, reader_latents
 from .core.settings import QuantSettings
 from .models import Autoencoder, load_model, model_for_file
 
@@ -86,13 +87,16 @@ def encode_image(
     device: str | None = None,
     info: dict | None = None,
     extra: list[Chunk] | None = None,
+    preview: bool = True,
 ) -> list[Chunk]:
-    """All chunks of the .sdl file for ``im``."""
+    """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``)."""
     if not isinstance(model, Autoencoder):
         model = load_model(model, device or options.DEVICE, options.DTYPE)
     stored, rgb, alpha = split_image(im)
     latents = encode_latents(model, rgb)
-    return latents_to_chunks(latents, model, settings, im.size, stored, alpha, info=info, extra=extra)
+    return latents_to_chunks(
+        latents, model, settings, im.size, stored, alpha, info=info, extra=extra, preview_of=rgb if preview else None
+    )
 
 
 def latents_to_chunks(
@@ -105,8 +109,13 @@ def latents_to_chunks(
     *,
     info: dict | None = None,
     extra: list[Chunk] | None = None,
+    preview_of: np.ndarray | None = None,
 ) -> list[Chunk]:
-    """Quantize and code latents the model made of an image of ``size`` (width, height)."""
+    """Quantize and code latents the model made of an image of ``size`` (width, height).
+
+    ``preview_of``: the image's RGB array (H, W, 3); when given, a ``prVw`` chunk
+    with the model-free preview map fitted to it is added (see core/preview.py).
+    """
     fields, payload, palette = quantize(latents, settings)
     c, lh, lw = latents.shape
     header = Header(
@@ -122,6 +131,9 @@ def latents_to_chunks(
         coder=settings.coder,
         **fields,
     )
+    if preview_of is not None:
+        seen = reader_latents(fields, payload, palette)
+        extra = [*(extra or []), preview_chunk(seen, preview_of, mode, model.downscale)]
     return build_chunks(header, payload, palette, alpha, info, extra)
 
 
