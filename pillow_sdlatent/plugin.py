@@ -16,6 +16,7 @@ from PIL import Image, ImageFile
 
 from .core import codec, preview, ratecontrol
 from .core.container import SIGNATURE, FormatError, write_chunks
+from .core.header import Header
 from .core.settings import QuantSettings, settings_for
 
 FORMAT = "SDL"
@@ -31,6 +32,35 @@ def _accept(prefix: bytes) -> bool:
     return prefix[:8] == SIGNATURE
 
 
+def _check_decode_cost(header: Header) -> None:
+    """Pillow's decompression-bomb rule applied to what decoding really costs.
+
+    Pillow checks ``width * height`` after ``_open``; the autoencoder decodes the
+    image padded to whole latent cells (a 1-pixel-high image at factor 64 decodes
+    64 rows) and the reader holds every latent value, so both are held to the
+    same ``Image.MAX_IMAGE_PIXELS`` before any data is read.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit:
+        return
+    f = header.downscale
+    padded = header.latent_width * f * header.latent_height * f
+    values = header.channels * header.latent_height * header.latent_width
+    what, cost = max((("padded pixels", padded), ("latent values", values)), key=lambda x: x[1])
+    if cost > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"decoding this {header.width}x{header.height} image needs {cost} {what}, more than twice the "
+            f"limit of {limit} (Image.MAX_IMAGE_PIXELS); it could be a decompression bomb DOS attack"
+        )
+    if cost > limit and header.width * header.height <= limit:  # else Pillow's own check warns
+        warnings.warn(
+            f"decoding this image needs {cost} {what}, more than the limit of {limit}; "
+            "it could be a decompression bomb DOS attack",
+            Image.DecompressionBombWarning,
+            stacklevel=3,
+        )
+
+
 class SdlImageFile(ImageFile.ImageFile):
     format = FORMAT
     format_description = "Stable Diffusion latent image"
@@ -41,6 +71,7 @@ class SdlImageFile(ImageFile.ImageFile):
 
     def _open(self) -> None:
         header, info = codec.read_head(self.fp)
+        _check_decode_cost(header)
         self.header = header
         self._size = (header.width, header.height)
         self._mode = header.mode
