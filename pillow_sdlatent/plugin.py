@@ -135,8 +135,9 @@ class SdlImageFile(ImageFile.ImageFile):
             raise self._with_preview_hint(exc, f"decoding .sdl files needs torch ({exc})") from exc
         try:
             return decode_image(
-                lf, opts.get("model"), allow_mismatch=opts.get("allow_model_mismatch"), device=opts.get("device")
-            )
+                lf, opts.get("model"), allow_mismatch=opts.get("allow_model_mismatch"), device=opts.get("device"),
+                denoise=opts.get("denoise"), denoise_model=opts.get("denoise_model"),
+            )  # fmt: skip
         except (ModelNotFoundError, ModelMismatchError) as exc:
             raise self._with_preview_hint(exc, str(exc)) from exc
 
