@@ -137,8 +137,8 @@ def latents_to_chunks(
     return build_chunks(header, payload, palette, alpha, info, extra)
 
 
-def decode_rgb(lf: LatentFile, model: Autoencoder) -> np.ndarray:
-    z = torch.from_numpy(lf.latents())[None]
+def decode_rgb(lf: LatentFile, model: Autoencoder, latents: np.ndarray | None = None) -> np.ndarray:
+    z = torch.from_numpy(lf.latents() if latents is None else latents)[None]
     return to_uint8(model.decode(z), lf.header.height, lf.header.width)
 
 
@@ -148,8 +148,14 @@ def decode_image(
     *,
     allow_mismatch: bool | None = None,
     device: str | None = None,
+    denoise: float | None = None,
+    denoise_model: str | None = None,
 ) -> Image.Image:
-    """The Pillow image a decoded file holds, in its stored mode."""
+    """The Pillow image a decoded file holds, in its stored mode.
+
+    ``denoise`` (default ``options.DENOISE``): diffusion denoising strength, 0 = off
+    (see :mod:`pillow_sdlatent.denoise`; it may alter content).
+    """
     if not isinstance(model, Autoencoder):
         model = model_for_file(
             lf.header,
@@ -158,7 +164,13 @@ def decode_image(
             device=device or options.DEVICE,
             dtype=options.DTYPE,
         )
-    im = Image.fromarray(decode_rgb(lf, model), "RGB")
+    strength = options.DENOISE if denoise is None else denoise
+    latents = None
+    if strength:
+        from .denoise import maybe_denoise
+
+        latents = maybe_denoise(lf.latents(), strength, denoise_model, device or options.DEVICE)
+    im = Image.fromarray(decode_rgb(lf, model, latents), "RGB")
     mode = lf.header.mode
     if mode in ("L", "LA"):
         im = im.convert("L")

@@ -166,17 +166,18 @@ class SdlImageFile(ImageFile.ImageFile):
             raise self._with_preview_hint(exc, f"decoding .sdl files needs torch ({exc})") from exc
         try:
             return decode_image(
-                lf, opts.get("model"), allow_mismatch=opts.get("allow_model_mismatch"), device=opts.get("device")
-            )
+                lf, opts.get("model"), allow_mismatch=opts.get("allow_model_mismatch"), device=opts.get("device"),
+                denoise=opts.get("denoise"), denoise_model=opts.get("denoise_model"),
+            )  # fmt: skip
         except (ModelNotFoundError, ModelMismatchError) as exc:
             raise self._with_preview_hint(exc, str(exc)) from exc
 
     def _with_preview_hint(self, exc: Exception, message: str) -> Exception:
-        if self.preview_map() is not None:
-            w, h = self.size
+        w, h, f = *self.size, self.header.downscale
+        if w >= f and h >= f and self.preview_map() is not None:  # draft() reaches the preview
             message += (
                 f". The file carries a model-free {self.header.latent_width}x{self.header.latent_height} preview: "
-                f"call im.draft('RGB', ({w // 8}, {h // 8})) before load(), or im.thumbnail(...), to get it"
+                f"call im.draft('RGB', ({w // f}, {h // f})) before load(), or im.thumbnail(...), to get it"
             )
         return type(exc)(message)
 
