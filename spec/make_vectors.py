@@ -40,12 +40,17 @@ VECTORS = {
     "scalar-zstd-l-u16": (17, 9, "L", 1, QuantSettings("scalar", 1000, coder="zstd")),
     "palette-zstd-rgba": (64, 48, "RGBA", 4, QuantSettings("palette", 256, 16, "kmeans", 1.0, "zstd")),
     "palette-u16-la-c32": (96, 72, "LA", 32, QuantSettings("palette", 256, 300, "kmeans", 0.0, "zstd")),
+    "context-rgb": (120, 72, "RGB", 4, QuantSettings(coder="context", quality=75)),
+    "context-l-c16": (33, 41, "L", 16, QuantSettings(coder="context", quality=100)),
 }
 
 
-def main() -> None:
+def main(only: set[str] | None = None) -> None:
+    """Write the vectors (all, or the names in ``only``: existing ones stay as committed)."""
     OUT.mkdir(exist_ok=True)
     for i, (name, (w, h, mode, c, settings)) in enumerate(VECTORS.items()):
+        if only is not None and name not in only:
+            continue
         shape = (c, -(-h // 8), -(-w // 8))
         fields, payload, palette = quantize(latents(i, shape), settings)
         header = Header(
@@ -73,4 +78,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(set(sys.argv[1:]) or None)

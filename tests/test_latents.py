@@ -14,7 +14,9 @@ from PIL import Image
 
 import pillow_sdlatent
 from pillow_sdlatent._atomic import atomic_write, write_bytes_atomic
-from pillow_sdlatent.core.scalar import dequantize, range_quantize
+from pillow_sdlatent.core import context_coder
+from pillow_sdlatent.core.codec import quantize
+from pillow_sdlatent.core.scalar import dequantize
 from pillow_sdlatent.core.settings import QuantSettings, settings_for
 from pillow_sdlatent.latents import (
     decode_latents,
@@ -47,32 +49,33 @@ def taesd_dir_spec(model) -> str:
     return model.source  # a spec string: write_latents loads it to read id and fingerprint
 
 
-def _expected(latents: torch.Tensor, levels: int) -> np.ndarray:
-    """The quantized latents, computed independently of the file layer."""
-    symbols, offset, scale, _ = range_quantize(latents.numpy(), levels)
-    return dequantize(symbols, offset, scale)
+def _expected(latents: torch.Tensor, settings: QuantSettings) -> np.ndarray:
+    """The quantized latents, computed by the quantizer alone (no container, no coder)."""
+    fields, symbols, _ = quantize(latents.numpy(), settings)
+    return dequantize(symbols, fields["offset"], fields["scale"])
 
 
 @pytest.mark.parametrize(
-    ("options", "levels"),
+    ("options", "settings"),
     [
-        ({}, settings_for(None).levels),  # the default quality
-        ({"quality": 100}, 256),
-        ({"settings": QuantSettings(levels=65536)}, 65536),  # 16-bit storage for latent datasets
+        ({}, settings_for(None)),  # the default quality and coder
+        ({"quality": 100}, settings_for(100)),
+        ({"settings": QuantSettings(levels=65536)}, QuantSettings(levels=65536)),  # 16-bit storage for datasets
     ],
 )
-def test_write_then_read_gives_quantized_latents_bit_for_bit(tmp_path, taesd, crop_latents, options, levels) -> None:
+def test_write_then_read_gives_quantized_latents_bit_for_bit(tmp_path, taesd, crop_latents, options, settings) -> None:
     path = tmp_path / "z.sdl"
     write_latents(path, crop_latents, taesd_dir_spec(taesd), **options)
     z, header = read_latents(path)
     assert z.dtype == torch.float32 and tuple(z.shape) == tuple(crop_latents.shape)
-    expected = _expected(crop_latents, levels)
+    expected = _expected(crop_latents, settings)
     assert z.numpy().tobytes() == expected.tobytes()  # bit for bit, not approximately
     assert header.model_id == "taesd" and header.fingerprint == taesd.fingerprint
-    assert int(header.levels[0]) == levels
-    # quantization error is bounded by half a step per channel
-    step = header.scale.max()
-    assert float((z - crop_latents).abs().max()) <= step / 2 + 1e-6
+    assert header.coder == settings.coder
+    # quantization error is bounded per channel: half a step, or 1 - RHO steps with the dead zone
+    bound = (1 - context_coder.RHO) if settings.coder == "context" else 0.5
+    err = (z - crop_latents).abs().amax(dim=(1, 2)).numpy()
+    assert np.all(err <= header.scale * bound + 1e-6)
 
 
 def test_write_latents_accepts_loaded_model_file_object_and_4d(taesd, crop_latents) -> None:
@@ -90,7 +93,7 @@ def test_write_latents_with_explicit_identity_loads_no_model(tmp_path) -> None:
     write_latents(path, z, model_id="my-vae", fingerprint=fp.hex(), size=(37, 20))
     back, header = read_latents(path)
     assert header.model_id == "my-vae" and header.fingerprint == fp
-    assert back.numpy().tobytes() == _expected(z, settings_for(None).levels).tobytes()
+    assert back.numpy().tobytes() == _expected(z, settings_for(None)).tobytes()
     assert (header.width, header.height, header.latent_shape) == (37, 20, (4, 3, 5))
     with Image.open(path) as im:  # a valid .sdl: Pillow reads its header
         assert im.format == "SDL" and im.size == (37, 20) and im.info["model"] == "my-vae"

@@ -46,23 +46,24 @@ def _synthetic(sizes: dict[int, int]) -> tuple:
         calls.append(s.levels)
         return [Chunk(b"LDAT", bytes(sizes[s.levels] - 8 - 12))]
 
-    return (lambda q: settings_for(q)), build, calls
+    return (lambda q: settings_for(q, method="scalar")), build, calls
 
 
 @pytest.mark.parametrize("budget", [500, 1234, 2000, 5000, 10_000])
 def test_search_finds_the_highest_fitting_quality(budget: int) -> None:
-    levels = {settings_for(q).levels for q in range(101)}
+    levels = {settings_for(q, method="scalar").levels for q in range(101)}
     sizes = {lv: 300 + 40 * lv for lv in levels}  # monotone in levels, so in quality
     settings, build, calls = _synthetic(sizes)
     quality, chunks = ratecontrol.fit_budget(settings, build, budget)
-    best = max(q for q in range(101) if sizes[settings_for(q).levels] <= budget)
+    best = max(q for q in range(101) if sizes[settings_for(q, method="scalar").levels] <= budget)
     assert quality == best
-    assert ratecontrol.file_size(chunks) == sizes[settings_for(best).levels] <= budget
+    assert ratecontrol.file_size(chunks) == sizes[settings_for(best, method="scalar").levels] <= budget
     assert len(calls) == len(set(calls)) <= 9  # each distinct setting built once, a bisection's worth
 
 
 def test_search_raises_when_quality_zero_does_not_fit() -> None:
-    settings, build, _ = _synthetic({lv: 1000 + lv for lv in {settings_for(q).levels for q in range(101)}})
+    levels = {settings_for(q, method="scalar").levels for q in range(101)}
+    settings, build, _ = _synthetic({lv: 1000 + lv for lv in levels})
     with pytest.raises(ratecontrol.BudgetError, match=r"even quality 0 makes a 1002-byte file.*budget of 999 bytes"):
         ratecontrol.fit_budget(settings, build, 999)
 
@@ -110,8 +111,12 @@ def test_target_size_gives_the_best_fitting_file(latents_and_sizes, taesd_dir: P
     assert sizes[0] < sizes[100], "file size must grow with quality for a budget to mean anything"
     for budget in (sizes[0], (sizes[0] + sizes[100]) // 2, sizes[100] - 1, sizes[100] + 500):
         data = _save(crop, model=str(taesd_dir), target_size=budget)
-        best = max(q for q in range(101) if sizes[q] <= budget)
-        assert len(data) == sizes[best] <= budget
+        assert len(data) <= budget
+        # The range coder writes whole 32-bit words, so size is monotone in quality only up to a
+        # few bytes; the bisection's promise: the chosen quality fits and the next one does not.
+        chosen = [q for q in range(101) if sizes[q] == len(data)]
+        assert any(q == 100 or sizes[q + 1] > budget for q in chosen)
+        assert len(data) >= max(s for s in sizes.values() if s <= budget) - 8
         with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (12, 8))
             im.load()  # a valid file, with its preview

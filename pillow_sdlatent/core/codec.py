@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import entropy
+from . import context_coder, entropy
 from .container import (
     SIGNATURE,
     Chunk,
@@ -56,7 +56,10 @@ class LatentFile:
 
 def quantize(latents: np.ndarray, settings: QuantSettings) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Quantize float latents; returns header fields, the LDAT symbol array and the palette."""
-    symbols, offset, scale, levels = range_quantize(latents, settings.levels)
+    if settings.coder == "context":
+        symbols, offset, scale, levels = context_coder.quantize(latents, settings.quality)
+    else:
+        symbols, offset, scale, levels = range_quantize(latents, settings.levels)
     fields = {"offset": offset, "scale": scale, "levels": levels, "quantizer": settings.quantizer}
     if settings.quantizer == "scalar":
         return fields | {"palette_size": 0}, symbols, None
@@ -101,9 +104,12 @@ def build_chunks(
         if alpha is None or alpha.shape != (header.height, header.width):
             raise ValueError(f"mode {header.mode} needs an alpha plane of {header.height}x{header.width}")
         chunks.append(Chunk(b"ALPH", _alpha_payload(alpha)))
-    dtype = header.index_dtype if header.quantizer == "palette" else header.symbol_dtype
-    raw = np.ascontiguousarray(payload_symbols, dtype).tobytes()
-    chunks.append(Chunk(b"LDAT", entropy.encode(raw, header.coder)))
+    if header.coder == "context":
+        ldat = context_coder.encode_symbols(payload_symbols, header.levels)
+    else:
+        dtype = header.index_dtype if header.quantizer == "palette" else header.symbol_dtype
+        ldat = entropy.encode(np.ascontiguousarray(payload_symbols, dtype).tobytes(), header.coder)
+    chunks.append(Chunk(b"LDAT", ldat))
     chunks.append(Chunk(b"SEND", b""))
     return chunks
 
@@ -197,6 +203,8 @@ def _decode_symbols(header: Header, data: dict[bytes, bytes], truncated: bool) -
         count, dtype, limit = h * w, header.index_dtype, header.palette_size
     else:
         count, dtype, limit = c * h * w, sym_dtype, None
+    if header.coder == "context":
+        return _decode_context(header, data.get(b"LDAT"), truncated)
     size = count * dtype.itemsize
     if b"LDAT" not in data:
         if not truncated:
@@ -222,6 +230,20 @@ def _decode_symbols(header: Header, data: dict[bytes, bytes], truncated: bool) -
     if np.any(symbols >= header.levels[:, None, None]):
         raise FormatError("latent symbol out of its channel's range")
     return symbols
+
+
+def _decode_context(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:
+    """Coder 2: the range-coded stream decodes as a whole or not at all."""
+    try:
+        if payload is None:
+            raise FormatError("file has no LDAT chunk")
+        return context_coder.decode_symbols(payload, header.latent_shape, header.levels)
+    except ValueError as exc:  # FormatError is a ValueError too
+        if not truncated:
+            raise FormatError(f"corrupt LDAT (context coder): {exc}") from exc
+        # Tolerant mode: a cut range-coded stream has no usable prefix; every value decodes to latent 0.
+        c, h, w = header.latent_shape
+        return np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(c, h, w)
 
 
 def _decode_alpha(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:

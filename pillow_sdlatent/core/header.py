@@ -24,8 +24,9 @@ MODE_CODES = {v: k for k, v in MODES.items()}
 QUANTIZERS = {0: "scalar", 1: "palette"}
 QUANTIZER_CODES = {v: k for k, v in QUANTIZERS.items()}
 
-#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd.
-CODERS = {0: "raw", 1: "zstd"}
+#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd; 2: context-model range coder
+#: (scalar quantizer only; see core/context_coder.py).
+CODERS = {0: "raw", 1: "zstd", 2: "context"}
 CODER_CODES = {v: k for k, v in CODERS.items()}
 
 # Limits every reader enforces (spec section "Limits").
@@ -111,6 +112,8 @@ class Header:
         if self.quantizer == "palette":
             if not 1 <= self.palette_size <= MAX_PALETTE:
                 raise bad(f"palette size {self.palette_size} outside 1..{MAX_PALETTE}")
+            if self.coder == "context":
+                raise bad("the context coder codes scalar symbols, not palette indices")
         elif self.palette_size != 0:
             raise bad("palette size must be 0 for the scalar quantizer")
         raw_id = self.model_id.encode("utf-8")

@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 
 DEFAULT_QUALITY = 75
 
-#: Named methods a user can ask for instead of ``quality``.
-METHODS = ("auto", "scalar", "palette", "original")
+#: Named methods (``method=`` save option); ``quality`` tunes each of them except ``original``.
+METHODS = ("auto", "context", "scalar", "palette", "original")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class QuantSettings:
     palette_method: ``"kmeans"`` (uniform L2, any channel count) or
         ``"imagequant"`` (libimagequant, 4 channels, as the original method).
     dither: error-diffusion strength 0..1 for palettes.
-    coder: entropy coder of the symbol payload.
+    coder: entropy coder of the symbol payload (``raw``, ``zstd``, ``context``).
+    quality: the context quantizer's knob (its step size, see core/context_coder.py).
     """
 
     quantizer: str = "scalar"
@@ -29,6 +30,7 @@ class QuantSettings:
     palette_method: str = "kmeans"
     dither: float = 1.0
     coder: str = "zstd"
+    quality: int = DEFAULT_QUALITY
 
 
 def settings_for(
@@ -40,13 +42,20 @@ def settings_for(
 ) -> QuantSettings:
     """Resolve save options to settings.
 
-    ``auto``/``scalar``: scalar quantization whose level count doubles every
-    100/7 quality points, ``levels = round(2 ** (1 + 7 * quality / 100))``
-    (quality 0: 2 levels, 75: 76, 100: 256), then zstd; more levels never make
-    the symbol stream cheaper, so file size grows with quality.
-    ``palette``: k-means palette of ``palette_size`` (default 256) entries with
-    dithering. ``original``: the original Stable Diffusion method, a 256-colour
-    libimagequant palette with dithering (4-channel latents only).
+    ``auto`` = ``context`` (the default): uniform scalar quantization with a step
+    that halves every 13 quality points, ``0.28 * 2 ** ((70 - quality) / 13)``
+    latent units (quality 75: 0.214), per-channel weights for 4-channel latents
+    and dead-zone rounding, coded by the context-model range coder (coder 2).
+    ``scalar``: scalar quantization of each channel's min..max range to
+    ``round(2 ** (1 + 7 * quality / 100))`` levels (quality 0: 2, 75: 76,
+    100: 256), then zstd.
+    ``palette``: k-means palette of ``palette_size`` entries (default
+    ``round(2 ** (3 + 5 * quality / 100))``: quality 0: 8, 75: 114, 100: 256)
+    with error-diffusion dithering, then zstd.
+    ``original``: the original Stable Diffusion method, a 256-colour
+    libimagequant palette with dithering (4-channel latents only; ``quality``
+    does not change it). In every method but ``original`` file size grows with
+    quality.
     """
     q = DEFAULT_QUALITY if quality is None else quality
     if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 100:
@@ -62,7 +71,9 @@ def settings_for(
             raise ValueError(f"method='original' (libimagequant) needs 4 latent channels, this model has {channels}")
         s = QuantSettings("palette", 256, palette_size or 256, "imagequant", 1.0, "zstd")
     elif method == "palette":
-        s = QuantSettings("palette", 256, palette_size or 256, "kmeans", 1.0, "zstd")
-    else:
+        s = QuantSettings("palette", 256, palette_size or round(2 ** (3 + 5 * q / 100)), "kmeans", 1.0, "zstd")
+    elif method == "scalar":
         s = QuantSettings("scalar", max(2, round(2 ** (1 + 7 * q / 100))))
+    else:
+        s = QuantSettings("scalar", coder="context", quality=q)
     return s if dither is None else replace(s, dither=float(dither))
