@@ -314,13 +314,13 @@ class Converter:
                 self.fail(job, f"cannot read image: {_describe(exc)}")
         if not loaded:
             return
+        latents: list[Any]
         try:
             latents = encode_batch(model, [item[3] for item in loaded], len(loaded))
-        except Exception:
-            if len(loaded) == 1:
-                raise
-            # One image breaks the batch (e.g. out of memory at its size): retry one by one.
-            latents = []
+        except Exception as exc:
+            latents = [exc] if len(loaded) == 1 else []
+        if not latents:
+            # One image broke the batch (e.g. out of memory at its size): retry one by one.
             for item in loaded:
                 try:
                     latents.append(encode_batch(model, [item[3]], 1)[0])
