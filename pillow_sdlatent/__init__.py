@@ -19,18 +19,29 @@ from .plugin import SdlImageFile, register_sdlatent_opener
 __version__ = "0.1.0"
 
 
-def open(fp: str | os.PathLike | IO[bytes], *, model: str | None = None, allow_model_mismatch: bool = False,
-         device: str | None = None) -> SdlImageFile:  # fmt: skip
+def open(
+    fp: str | os.PathLike | IO[bytes],
+    *,
+    model: str | None = None,
+    allow_model_mismatch: bool = False,
+    device: str | None = None,
+    denoise: float | None = None,
+    denoise_model: str | None = None,
+) -> SdlImageFile:
     """``Image.open`` for .sdl files with decode options.
 
     model: decode with this model spec instead of the one the file names (its
         weights must still match the file's fingerprint).
     allow_model_mismatch: decode even with weights that differ from the file's.
     device: ``"cpu"``, ``"cuda"``, ... (default: ``options.DEVICE``, then auto).
+    denoise: diffusion denoising strength before decoding, e.g. 0.04 (default
+        ``options.DENOISE``, 0 = off). Generative: it may alter content.
+    denoise_model: the U-Net's pipeline folder or hub id (default ``options.DENOISE_MODEL``).
     """
     im = Image.open(fp, formats=["SDL"])
     assert isinstance(im, SdlImageFile)
-    im.decoder_options = {"model": model, "allow_model_mismatch": allow_model_mismatch, "device": device}
+    im.decoder_options = {"model": model, "allow_model_mismatch": allow_model_mismatch, "device": device,
+                          "denoise": denoise, "denoise_model": denoise_model}  # fmt: skip
     return im
 
 

@@ -20,3 +20,11 @@ DEVICE: str | None = None
 
 #: Precision (None: float32 on the CPU, bfloat16/float16 on GPUs).
 DTYPE: str | None = None
+
+#: Diffusion denoising strength applied to latents before decoding (0: off). Opt-in:
+#: denoising is generative and may alter content; see :mod:`pillow_sdlatent.denoise`.
+DENOISE: float = 0.0
+
+#: Diffusers pipeline folder or hub id of the denoising U-Net (None: ``SDLATENT_DENOISE_MODEL``,
+#: then Stable Diffusion 1.5).
+DENOISE_MODEL: str | None = None

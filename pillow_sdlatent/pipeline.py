@@ -17,6 +17,7 @@ from . import options
 from .core.codec import LatentFile, build_chunks, quantize
 from .core.container import Chunk
 from .core.header import Header
+from .core.preview import preview_chunk, reader_latents
 from .core.settings import QuantSettings
 from .models import Autoencoder, load_model, model_for_file
 
@@ -86,24 +87,58 @@ def encode_image(
     device: str | None = None,
     info: dict | None = None,
     extra: list[Chunk] | None = None,
+    preview: bool = True,
 ) -> list[Chunk]:
-    """All chunks of the .sdl file for ``im``."""
+    """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``)."""
     if not isinstance(model, Autoencoder):
         model = load_model(model, device or options.DEVICE, options.DTYPE)
     stored, rgb, alpha = split_image(im)
     latents = encode_latents(model, rgb)
+    return latents_to_chunks(
+        latents, model, settings, im.size, stored, alpha, info=info, extra=extra, preview_of=rgb if preview else None
+    )
+
+
+def latents_to_chunks(
+    latents: np.ndarray,
+    model: Autoencoder,
+    settings: QuantSettings,
+    size: tuple[int, int],
+    mode: str = "RGB",
+    alpha: np.ndarray | None = None,
+    *,
+    info: dict | None = None,
+    extra: list[Chunk] | None = None,
+    preview_of: np.ndarray | None = None,
+) -> list[Chunk]:
+    """Quantize and code latents the model made of an image of ``size`` (width, height).
+
+    ``preview_of``: the image's RGB array (H, W, 3); when given, a ``prVw`` chunk
+    with the model-free preview map fitted to it is added (see core/preview.py).
+    """
     fields, payload, palette = quantize(latents, settings)
     c, lh, lw = latents.shape
     header = Header(
-        width=im.width, height=im.height, mode=stored, channels=c, latent_height=lh, latent_width=lw,
-        model_id=model.model_id, fingerprint=model.fingerprint, downscale=model.downscale,
-        coder=settings.coder, **fields,
-    )  # fmt: skip
+        width=size[0],
+        height=size[1],
+        mode=mode,
+        channels=c,
+        latent_height=lh,
+        latent_width=lw,
+        model_id=model.model_id,
+        fingerprint=model.fingerprint,
+        downscale=model.downscale,
+        coder=settings.coder,
+        **fields,
+    )
+    if preview_of is not None:
+        seen = reader_latents(fields, payload, palette)
+        extra = [*(extra or []), preview_chunk(seen, preview_of, mode, model.downscale)]
     return build_chunks(header, payload, palette, alpha, info, extra)
 
 
-def decode_rgb(lf: LatentFile, model: Autoencoder) -> np.ndarray:
-    z = torch.from_numpy(lf.latents())[None]
+def decode_rgb(lf: LatentFile, model: Autoencoder, latents: np.ndarray | None = None) -> np.ndarray:
+    z = torch.from_numpy(lf.latents() if latents is None else latents)[None]
     return to_uint8(model.decode(z), lf.header.height, lf.header.width)
 
 
@@ -113,8 +148,14 @@ def decode_image(
     *,
     allow_mismatch: bool | None = None,
     device: str | None = None,
+    denoise: float | None = None,
+    denoise_model: str | None = None,
 ) -> Image.Image:
-    """The Pillow image a decoded file holds, in its stored mode."""
+    """The Pillow image a decoded file holds, in its stored mode.
+
+    ``denoise`` (default ``options.DENOISE``): diffusion denoising strength, 0 = off
+    (see :mod:`pillow_sdlatent.denoise`; it may alter content).
+    """
     if not isinstance(model, Autoencoder):
         model = model_for_file(
             lf.header,
@@ -123,7 +164,13 @@ def decode_image(
             device=device or options.DEVICE,
             dtype=options.DTYPE,
         )
-    im = Image.fromarray(decode_rgb(lf, model), "RGB")
+    strength = options.DENOISE if denoise is None else denoise
+    latents = None
+    if strength:
+        from .denoise import maybe_denoise
+
+        latents = maybe_denoise(lf.latents(), strength, denoise_model, device or options.DEVICE)
+    im = Image.fromarray(decode_rgb(lf, model, latents), "RGB")
     mode = lf.header.mode
     if mode in ("L", "LA"):
         im = im.convert("L")
@@ -148,8 +195,9 @@ def encode_batch(model: Autoencoder, images: list[np.ndarray], batch_size: int =
     return out  # type: ignore[return-value]
 
 
-def decode_batch(model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]],
-                 batch_size: int = 8) -> list[np.ndarray]:  # fmt: skip
+def decode_batch(
+    model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]], batch_size: int = 8
+) -> list[np.ndarray]:
     """RGB uint8 arrays (height, width, 3) for many latents; ``sizes`` are (width, height)."""
     out: list[np.ndarray | None] = [None] * len(latents)
     groups: dict[tuple, list[int]] = {}

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+def _find_shared() -> Path:
+    """``../shared`` beside the checkout (``SDLATENT_SHARED`` overrides; worktrees one level deeper also work)."""
+    if env := os.environ.get("SDLATENT_SHARED"):
+        return Path(env)
+    root = Path(__file__).resolve().parents[1]
+    for parent in (root.parent, root.parent.parent):
+        if (parent / "shared").is_dir():
+            return parent / "shared"
+    return root.parent / "shared"
+
+
+SHARED = _find_shared()
 KODAK = SHARED / "data" / "kodak"
 MODELS = SHARED / "models"
 

@@ -161,7 +161,8 @@ def test_info_json_without_torch(tmp_path: Path, kodak_crop: Image.Image, env: d
     assert d["model_id"] == "taesd" and d["fingerprint"] == model.fingerprint.hex()
     assert d["latent_shape"] == [4, 8, 12] and d["downscale"] == 8
     assert d["quantizer"] == "scalar" and len(d["levels"]) == 4 and d["palette_size"] == 0
-    assert [c["type"] for c in d["chunks"]] == ["HEAD", "LDAT", "SEND"]
+    types = [c["type"] for c in d["chunks"]]
+    assert types[0] == "HEAD" and types[-1] == "SEND" and "LDAT" in types
     assert sum(c["length"] + 12 for c in d["chunks"]) + 8 == d["file_size"]
     assert d["bpp"] == pytest.approx(d["file_size"] * 8 / (96 * 64))
 

@@ -232,8 +232,10 @@ def _decode_alpha(header: Header, payload: bytes | None, truncated: bool) -> np.
         return np.full((header.height, header.width), 255, np.uint8)
     if len(payload) < 1 or payload[0] not in ALPHA_FILTERS:
         raise FormatError("ALPH chunk has an unknown filter")
-    decode = entropy.decode_prefix if truncated else entropy.decode
-    raw = decode(payload[1:], "zstd", size, "ALPH")
+    if truncated:
+        raw = entropy.decode_prefix(payload[1:], "zstd", size)
+    else:
+        raw = entropy.decode(payload[1:], "zstd", size, "ALPH")
     plane = np.full(size, 0 if payload[0] == 1 else 255, np.uint8)
     plane[: len(raw)] = np.frombuffer(raw, np.uint8)
     plane = plane.reshape(header.height, header.width)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import zstandard
@@ -16,23 +17,45 @@ def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=0).compress(data)
 
 
-def zstd_decompress(data: bytes, size: int, what: str = "payload") -> bytes:
-    """Decompress exactly ``size`` bytes; never allocate more than ``size + 1``.
+#: Output is produced in blocks of this size, so memory grows with the bytes that
+#: really decompress, never with what a (possibly forged) header declares.
+READ_BLOCK = 1 << 20
 
-    The declared content size in the zstd frame is not trusted: the stream reader
-    stops after ``size + 1`` bytes, so a payload that inflates beyond what the
-    header allows is cut off and rejected.
+#: Largest zstd window a reader accepts when the payload itself is smaller (spec, "Limits"):
+#: enough for any level-19 stream, small enough that a tiny file cannot make the
+#: decompressor reserve libzstd's default 128 MiB.
+MAX_ZSTD_WINDOW = 1 << 23
+
+
+def _zstd_read(data: bytes, limit: int, out: bytearray) -> None:
+    """Append up to ``limit`` decompressed bytes of the first frame to ``out``.
+
+    Raises ``zstandard.ZstdError`` on corrupt data, with what decoded so far in ``out``.
     """
+    window = min(max(MAX_ZSTD_WINDOW, limit), 1 << 31)
+    dctx = zstandard.ZstdDecompressor(max_window_size=window)
+    with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
+        while len(out) < limit and (block := reader.read(min(READ_BLOCK, limit - len(out)))):
+            out += block
+
+
+def zstd_decompress(data: bytes, size: int, what: str = "payload") -> bytes:
+    """Decompress exactly ``size`` bytes; never hold more than ``size + 1``.
+
+    The declared content size in the zstd frame is not trusted: reading stops
+    after ``size + 1`` bytes, so a payload that inflates beyond what the header
+    allows is cut off and rejected.
+    """
+    out = bytearray()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
-            out = reader.read(size + 1)
+        _zstd_read(data, size + 1, out)
     except zstandard.ZstdError as exc:
         raise FormatError(f"corrupt zstd data in {what}: {exc}") from exc
     if len(out) != size:
         raise FormatError(
             f"{what} decompresses to {'more than' if len(out) > size else len(out)} bytes; header requires {size}"
         )
-    return out
+    return bytes(out)
 
 
 def encode(data: bytes, coder: str) -> bytes:
@@ -58,10 +81,6 @@ def decode_prefix(data: bytes, coder: str, size: int) -> bytes:
     if coder == "raw":
         return data[:size]
     out = bytearray()
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
-            while len(out) < size and (block := reader.read(min(65536, size - len(out)))):
-                out += block
-    except zstandard.ZstdError:
-        pass  # what decoded before the cut is kept
+    with contextlib.suppress(zstandard.ZstdError):  # what decoded before the cut is kept
+        _zstd_read(data, size, out)
     return bytes(out)

@@ -34,6 +34,7 @@ MAX_CHANNELS = 1024
 MAX_LEVELS = 1 << 16
 MAX_PALETTE = 1 << 16
 MAX_LATENT_VALUES = 1 << 30
+MAX_VALUES_PER_PIXEL = 4  # channels <= 4 * downscale**2
 MAX_MODEL_ID = 255
 FINGERPRINT_SIZE = 32
 
@@ -88,6 +89,13 @@ class Header:
             raise bad(f"downscale factor {self.downscale} outside 1..64")
         if not 1 <= self.channels <= MAX_CHANNELS:
             raise bad(f"{self.channels} latent channels, outside 1..{MAX_CHANNELS}")
+        if self.channels > MAX_VALUES_PER_PIXEL * self.downscale**2:
+            # No compressing autoencoder stores more values than the pixels it covers; the rule
+            # bounds the latent's memory by the (padded) image size that bomb checks see.
+            raise bad(
+                f"{self.channels} latent channels at factor {self.downscale} hold more than "
+                f"{MAX_VALUES_PER_PIXEL} values per pixel"
+            )
         want = (math.ceil(self.height / self.downscale), math.ceil(self.width / self.downscale))
         if (self.latent_height, self.latent_width) != want:
             raise bad(
@@ -117,6 +125,11 @@ class Header:
             raise bad("dequantization offset/scale must be finite")
         if np.any(self.levels < 2) or np.any(self.levels > MAX_LEVELS):
             raise bad(f"per-channel levels must be in 2..{MAX_LEVELS}")
+        # The top symbol must dequantize to a finite float32 too, or a model would decode inf/NaN.
+        with np.errstate(over="ignore", invalid="ignore"):
+            top = self.scale.astype(np.float32) * (self.levels - 1).astype(np.float32) + self.offset.astype(np.float32)
+        if not np.all(np.isfinite(top)):
+            raise bad("offset + scale * (levels - 1) overflows float32 in some channel")
 
     def pack(self) -> bytes:
         self.validate()

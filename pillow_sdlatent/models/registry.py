@@ -1,9 +1,11 @@
 """Model specs -> loaded autoencoders, cached once per (spec, device, dtype) behind a lock.
 
 A spec is one of: an alias (``sd``, ``sdxl``, ``taesd``...), a Hugging Face
-hub id (``stabilityai/sd-vae-ft-mse``, loaded through the local cache with
-diffusers), a local diffusers folder (or a pipeline folder with ``vae/``), or a
-TAESD-family folder of ``NAME_encoder``/``NAME_decoder`` weights.
+hub id (``stabilityai/sd-vae-ft-mse``, or ``org/name/vae`` for a pipeline
+repository; loaded with diffusers through the Hugging Face cache, the cache
+only when ``HF_HUB_OFFLINE=1``), a local diffusers folder (or a pipeline
+folder with ``vae/``), a single-file checkpoint (``.safetensors``/``.ckpt``),
+or a TAESD-family folder of ``NAME_encoder``/``NAME_decoder`` weights.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ from .device import pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
 
 DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 #: Short names -> (hub id, subfolder).
 ALIASES: dict[str, tuple[str, str | None]] = {
-    "sd": ("stabilityai/sd-vae-ft-mse", None),
+    "sd": ("stabilityai/sd-vae-ft-mse", None),  # SD 1.x and 2.x share this latent space
     "sd-ema": ("stabilityai/sd-vae-ft-ema", None),
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sdxl-fp16": ("madebyollin/sdxl-vae-fp16-fix", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
+    "sd3.5": ("stabilityai/stable-diffusion-3.5-large", "vae"),
     "flux": ("black-forest-labs/FLUX.1-dev", "vae"),
+    "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "vae"),
     "taesd": ("madebyollin/taesd", None),
     "taesdxl": ("madebyollin/taesdxl", None),
+    "taesd3": ("madebyollin/taesd3", None),
+    "taef1": ("madebyollin/taef1", None),
 }
 
 _cache: dict[tuple[str, str, str], Autoencoder] = {}
@@ -45,8 +52,9 @@ def default_spec() -> str:
     return os.environ.get("SDLATENT_MODEL") or DEFAULT_MODEL
 
 
-def load_model(spec: str | Path | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> Autoencoder:  # fmt: skip
+def load_model(
+    spec: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Autoencoder:
     """Load (once per process) the autoencoder a spec names."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
@@ -58,7 +66,9 @@ def load_model(spec: str | Path | None = None, device: str | torch.device | None
         lock = _locks.setdefault(key, threading.Lock())
     with lock:  # one loader per key; other keys load in parallel
         if key not in _cache:
-            _cache[key] = _load_uncached(spec, dev, dt)
+            model = _load_uncached(spec, dev, dt)
+            model.spec = spec
+            _cache[key] = model
         return _cache[key]
 
 
@@ -68,17 +78,26 @@ def _load_uncached(spec: str, device: torch.device, dtype: torch.dtype) -> Autoe
         if is_taesd_folder(path):
             return TaesdAutoencoder(path, device, dtype)
         return _load_diffusers(str(path), None, path.name, device, dtype)
-    if path.suffix in (".safetensors", ".ckpt") and path.is_file():
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ModelNotFoundError(f"single-file checkpoint {spec!r} does not exist")
         return _load_single_file(path, device, dtype)
     if spec in ALIASES:
         hub_id, sub = ALIASES[spec]
         return _load_diffusers(hub_id, sub, hub_id if sub is None else f"{hub_id}/{sub}", device, dtype)
-    if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/", "~")):
-        return _load_diffusers(spec, None, spec, device, dtype)
+    parts = spec.split("/")
+    if len(parts) in (2, 3) and all(parts) and not path.exists() and not spec.startswith((".", "/", "~")):
+        # "org/name" or "org/name/subfolder" (a pipeline repository's vae/)
+        return _load_diffusers("/".join(parts[:2]), parts[2] if len(parts) == 3 else None, spec, device, dtype)
     raise ModelNotFoundError(
         f"model {spec!r} is neither a folder, a .safetensors/.ckpt file, an alias "
         f"({', '.join(ALIASES)}) nor a Hugging Face hub id; set SDLATENT_MODEL or pass model=..."
     )
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it only once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _vae_class(config: dict) -> type:
@@ -90,8 +109,9 @@ def _vae_class(config: dict) -> type:
     return getattr(diffusers, name)
 
 
-def _load_diffusers(source: str, subfolder: str | None, model_id: str, device: torch.device,
-                    dtype: torch.dtype) -> Autoencoder:  # fmt: skip
+def _load_diffusers(
+    source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype
+) -> Autoencoder:
     from .diffusers_vae import DiffusersAutoencoder
 
     local = Path(source).is_dir()
@@ -100,23 +120,23 @@ def _load_diffusers(source: str, subfolder: str | None, model_id: str, device: t
             subfolder = "vae"
         else:
             raise ModelNotFoundError(
-                f"{source} holds no config.json (nor vae/config.json): not a diffusers model folder"
+                f"{source} holds no config.json (nor vae/config.json) and no NAME_encoder/NAME_decoder weights: "
+                f"neither a diffusers nor a TAESD-family model folder"
             )
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     try:
         import diffusers
 
-        config = diffusers.ConfigMixin.load_config(source, subfolder=subfolder, local_files_only=offline or local)
+        only_local = offline or local
+        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
         cls = _vae_class(config)
-        vae = cls.from_pretrained(
-            source, subfolder=subfolder, local_files_only=offline or local, torch_dtype=torch.float32
-        )
+        vae = cls.from_pretrained(source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32)
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        where = "folder" if local else "Hugging Face cache" if offline else "Hugging Face hub or cache"
+        where = "folder" if local else "Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
         raise ModelNotFoundError(
-            f"model {model_id!r} could not be loaded from the {where} ({type(exc).__name__}: {exc}). "
+            f"model {model_id!r} could not be loaded from the {where}: {type(exc).__name__}: {exc}. "
             f"Download it once with network access, or set SDLATENT_MODEL / pass model=... to a local "
             f"diffusers or TAESD folder (e.g. ../shared/models/taesd)"
         ) from exc
@@ -124,15 +144,54 @@ def _load_diffusers(source: str, subfolder: str | None, model_id: str, device: t
 
 
 def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Autoencoder:
+    """A ``.safetensors``/``.ckpt`` VAE checkpoint (original LDM or diffusers key names).
+
+    Its architecture comes from a diffusers ``config.json`` in the same folder
+    when there is one, else diffusers infers it from the keys and fetches the
+    matching config from the hub (the cache only, with ``HF_HUB_OFFLINE=1``).
+    """
     import diffusers
 
     from .diffusers_vae import DiffusersAutoencoder
 
+    config_dir = path.parent if (path.parent / "config.json").is_file() else None
     try:
-        vae = diffusers.AutoencoderKL.from_single_file(str(path), torch_dtype=torch.float32)
+        cls = diffusers.AutoencoderKL
+        if config_dir is not None:
+            cls = _vae_class(diffusers.AutoencoderKL.load_config(str(config_dir), local_files_only=True))
+        if cls is diffusers.AutoencoderTiny:  # diffusers has no single-file loader for it
+            vae = cls.from_config(cls.load_config(str(config_dir)))
+            vae.load_state_dict(_read_state(path))
+        else:
+            vae = cls.from_single_file(
+                str(path),
+                config=str(config_dir) if config_dir else None,
+                local_files_only=hub_offline() or None,
+                torch_dtype=torch.float32,
+            )
+    except ModelNotFoundError:
+        raise
     except Exception as exc:  # diffusers raises many kinds here
-        raise ModelNotFoundError(f"could not load single-file checkpoint {path}: {exc}") from exc
+        hint = "" if config_dir else " (put the VAE's diffusers config.json beside it to skip the hub look-up)"
+        raise ModelNotFoundError(
+            f"could not load single-file checkpoint {path}{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
     return DiffusersAutoencoder(vae, path.stem, device, dtype)
+
+
+def loaded_sources(model_id: str) -> list[str]:
+    """Specs of the models already loaded in this process whose id is ``model_id``."""
+    with _guard:
+        return list(dict.fromkeys(spec for (spec, _, _), m in _cache.items() if m.model_id == model_id))
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
 
 
 def clear_cache() -> None:

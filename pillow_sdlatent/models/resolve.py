@@ -10,7 +10,7 @@ import torch
 
 from ..core.header import FINGERPRINT_SIZE, Header
 from .base import Autoencoder
-from .registry import ALIASES, ModelNotFoundError, load_model
+from .registry import ALIASES, ModelNotFoundError, load_model, loaded_sources
 
 
 class ModelMismatchError(ValueError):
@@ -20,11 +20,13 @@ class ModelMismatchError(ValueError):
 def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
     """Where a file's model id may be found, in order, each with "must its id match?".
 
-    ``SDLATENT_MODEL`` first (taken only if its id is the file's), then folders
-    named by the id under each directory of ``SDLATENT_MODEL_PATH``, then the
-    id itself as an alias, hub id or path.
+    Models this process already loaded under that id first (a file saved with
+    ``model=folder`` opens again without naming the folder), then
+    ``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
+    by the id under each directory of ``SDLATENT_MODEL_PATH``, then the id
+    itself as an alias, hub id or path.
     """
-    specs = []
+    specs = [(spec, True) for spec in loaded_sources(model_id)]
     if env := os.environ.get("SDLATENT_MODEL"):
         specs.append((env, True))
     for root in filter(None, os.environ.get("SDLATENT_MODEL_PATH", "").split(os.pathsep)):
@@ -35,9 +37,14 @@ def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
     return specs
 
 
-def model_for_file(header: Header, override: str | None = None, *, allow_mismatch: bool = False,
-                   device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-                   ) -> Autoencoder:  # fmt: skip
+def model_for_file(
+    header: Header,
+    override: str | None = None,
+    *,
+    allow_mismatch: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Autoencoder:
     """The model that decodes ``header``'s latents; never silently a different one."""
     unknown = header.fingerprint == bytes(FINGERPRINT_SIZE)
     if override is not None:
@@ -61,7 +68,7 @@ def model_for_file(header: Header, override: str | None = None, *, allow_mismatc
     raise ModelNotFoundError(
         f"model {header.model_id!r}{hint} that this file was written with is not available here. Tried: "
         + "; ".join(tried)
-        + ". Set SDLATENT_MODEL (or SDLATENT_MODEL_PATH, a list of folders holding it) or pass model=..."
+        + ". Point SDLATENT_MODEL (or SDLATENT_MODEL_PATH, folders holding it) at it, or pass model=..."
     )
 
 

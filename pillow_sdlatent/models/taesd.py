@@ -8,12 +8,14 @@ Input and output are RGB in [0, 1]; the latents are already scaled.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .base import Autoencoder, fingerprint_tensors
+from .diffusers_vae import TINY_FINGERPRINT_EXTRA
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
@@ -22,15 +24,23 @@ class _Block(nn.Module):
     def __init__(self, ch: int, pooled: bool) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
             nn.Conv2d(ch, ch, 3, padding=1),
-        )  # fmt: skip
+            nn.ReLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+        )
         self.skip = nn.Identity()
         self.pool = (
-            nn.Sequential(nn.Conv2d(ch, 4 * ch, 1, bias=False), nn.GroupNorm(4, 4 * ch), nn.ReLU(),
-                          nn.Conv2d(4 * ch, ch, 1, bias=False))
-            if pooled else None
-        )  # fmt: skip
+            nn.Sequential(
+                nn.Conv2d(ch, 4 * ch, 1, bias=False),
+                nn.GroupNorm(4, 4 * ch),
+                nn.ReLU(),
+                nn.Conv2d(4 * ch, ch, 1, bias=False),
+            )
+            if pooled
+            else None
+        )
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,15 +131,24 @@ class TaesdAutoencoder(Autoencoder):
         self.source = str(folder)
         self.latent_channels = int(dec_state["1.weight"].shape[1])
         self.downscale = 8
-        self.fingerprint = fingerprint_tensors(dec_state.values(), b"taesd-scaled")
+        self.global_norm = any(".pool." in k for k in dec_state)  # TAEF2 blocks hold GroupNorms
+        self.fingerprint = fingerprint_tensors(dec_state.values(), TINY_FINGERPRINT_EXTRA)
         self.device, self.dtype = device, dtype
         for net in (self.encoder, self.decoder):
             net.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
+    def float32_copy(self) -> TaesdAutoencoder:
+        twin = copy.copy(self)
+        twin.__dict__.pop("_twin", None)
+        twin.encoder = copy.deepcopy(self.encoder).float()
+        twin.decoder = copy.deepcopy(self.decoder).float()
+        twin.dtype = torch.float32
+        return twin
+
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images.to(self.device, self.dtype)).float()
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents.to(self.device, self.dtype)).float().clamp(0, 1)
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents.to(self.device, self.dtype)).float()
