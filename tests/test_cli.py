@@ -61,6 +61,8 @@ def test_convert_both_ways_with_a_corrupt_input(tmp_path: Path, images: Path, en
     assert "3 converted, 0 skipped, 1 failed" in r.stdout and "ratio" in r.stdout
     with Image.open(out / "c.sdl") as im:
         assert im.format == "SDL" and im.mode == "RGBA" and im.size == (48, 40)
+    # the same chunks as Image.save writes, the model-free preview included
+    assert "prVw" in [c["type"] for c in cli.file_info(out / "a.sdl")["chunks"]]
 
     back = tmp_path / "back"
     r = sdlatent(["convert", str(out), "-o", str(back)], env)
