@@ -314,36 +314,38 @@ class Converter:
                 self.fail(job, f"cannot read image: {_describe(exc)}")
         if not loaded:
             return
+        latents: list[Any]
         try:
             latents = encode_batch(model, [item[3] for item in loaded], len(loaded))
-        except Exception:
-            if len(loaded) == 1:
-                raise
-            # One image breaks the batch (e.g. out of memory at its size): retry one by one.
-            latents = []
+        except Exception as exc:
+            latents = [exc] if len(loaded) == 1 else []
+        if not latents:
+            # One image broke the batch (e.g. out of memory at its size): retry one by one.
             for item in loaded:
                 try:
                     latents.append(encode_batch(model, [item[3]], 1)[0])
                 except Exception as exc:
                     latents.append(exc)
-        for (job, size, stored, _, alpha, info), z in zip(loaded, latents, strict=True):
+        for (job, size, stored, rgb, alpha, info), z in zip(loaded, latents, strict=True):
             if isinstance(z, BaseException):
                 self.fail(job, z)
                 continue
             try:
-                self._write_sdl(job, model, settings, z, size, stored, alpha, info)
+                self._write_sdl(job, model, settings, z, size, stored, rgb, alpha, info)
             except Exception as exc:
                 self.fail(job, exc)
 
     def _write_sdl(self, job: Job, model: Any, settings: Any, z: Any, size: tuple[int, int], stored: str,
-                   alpha: Any, info: dict) -> None:  # fmt: skip
+                   rgb: Any, alpha: Any, info: dict) -> None:  # fmt: skip
         from ._atomic import atomic_write
         from .core.container import write_chunks
-        from .latents import latent_chunks
+        from .pipeline import latents_to_chunks
 
         if isinstance(info.get("exif"), Image.Exif):
             info["exif"] = info["exif"].tobytes()
-        chunks = latent_chunks(z, model, size=size, mode=stored, alpha=alpha, settings=settings, info=info)
+        # The same chunks Image.save writes, the prVw preview included unless --no-preview.
+        preview_of = None if self.args.no_preview else rgb
+        chunks = latents_to_chunks(z, model, settings, size, stored, alpha, info=info, preview_of=preview_of)
         job.dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(job.dst) as f:
             write_chunks(f, chunks)
@@ -516,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "; when decoding, overrides the model the file names (its fingerprint must match)")  # fmt: skip
     conv.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: SDLATENT_DEVICE, then the best available)")
     conv.add_argument("-b", "--batch-size", type=int, default=8, metavar="N", help="images per forward pass (8)")
+    conv.add_argument("--no-preview", action="store_true", help="leave out the model-free preview chunk (prVw)")
     conv.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)

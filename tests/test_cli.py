@@ -61,6 +61,8 @@ def test_convert_both_ways_with_a_corrupt_input(tmp_path: Path, images: Path, en
     assert "3 converted, 0 skipped, 1 failed" in r.stdout and "ratio" in r.stdout
     with Image.open(out / "c.sdl") as im:
         assert im.format == "SDL" and im.mode == "RGBA" and im.size == (48, 40)
+    # the same chunks as Image.save writes, the model-free preview included
+    assert "prVw" in [c["type"] for c in cli.file_info(out / "a.sdl")["chunks"]]
 
     back = tmp_path / "back"
     r = sdlatent(["convert", str(out), "-o", str(back)], env)
@@ -248,3 +250,24 @@ def test_console_script_entry() -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["convert", "x.png", "--batch-size", "0"])
     assert exc.value.code == 2
+
+
+def test_an_image_that_breaks_its_batch_fails_alone(tmp_path: Path, images: Path, monkeypatch, capsys) -> None:
+    from pillow_sdlatent import pipeline
+
+    real = pipeline.encode_batch
+
+    def flaky(model, rgbs, batch_size=8):  # as if one image ran out of memory
+        if any(np.array_equal(rgb, rgb_b) for rgb in rgbs):
+            raise RuntimeError("out of memory")
+        return real(model, rgbs, batch_size)
+
+    with Image.open(images / "sub" / "b.jpg") as im:
+        rgb_b = np.asarray(im.convert("RGB"))
+    monkeypatch.setattr(pipeline, "encode_batch", flaky)
+    (images / "broken.png").unlink()
+    rc = cli.main(["convert", str(images), "-o", str(tmp_path / "out"), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "b.jpg: RuntimeError: out of memory" in captured.err
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.sdl")) == ["a.sdl", "c.sdl"]
+    assert "2 converted, 0 skipped, 1 failed" in captured.out
