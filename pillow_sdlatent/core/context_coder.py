@@ -317,6 +317,26 @@ def encode_symbols(symbols, levels):
 
 
 # ---------------- decoder -----------------
+BIN_SLICE = 1 << 15  # symbols per decode call: (BIN_SLICE, NB) float64 weights = 9 MiB
+
+
+def _min_bits_per_symbol() -> float:
+    """The fewest bits any symbol can cost: levels >= 2 keeps a second bin of weight >= floor(2^24/256) + 1
+    feasible next to the centre bin whenever sh == 0 (sh > 0 costs sh bits of low part on top)."""
+    centre, neighbour = TABLE_F[:, R + 1], np.minimum(TABLE_F[:, R], TABLE_F[:, R + 2])
+    return float(np.log2((centre + neighbour) / centre).min())
+
+
+MIN_BITS_PER_SYMBOL = _min_bits_per_symbol()
+SYMBOLS_PER_BIT = 360
+
+
+def symbol_limit(payload_bytes: int) -> int:
+    """Most symbols a payload of this many bytes may declare (spec section 10): 360 per bit, twice the
+    1 / MIN_BITS_PER_SYMBOL = 178 that the table allows, with 64 bits of slack for the coder's flush."""
+    return SYMBOLS_PER_BIT * (8 * payload_bytes + 64)
+
+
 def decode_symbols(data, shape, levels):
     try:
         C, h, w = (int(v) for v in shape)
@@ -325,13 +345,17 @@ def decode_symbols(data, shape, levels):
     if C < 1 or h < 1 or w < 1 or C * h * w > (1 << 28):
         raise ValueError("bad shape") from None
     levels = np.asarray(levels).astype(np.int64).ravel()
-    if levels.size != C or (levels < 1).any() or (levels > 65536).any():
+    if levels.size != C or (levels < 2).any() or (levels > 65536).any():
         raise ValueError("bad levels")
     data = bytes(data)
     nco = sum(_nfeat(c, k) for c in range(C) for k in range(4))
     hlen = 3 + 2 * C + nco + 8 * C + 4
     if len(data) < hlen or data[:3] != b"SL1" or (len(data) - hlen) % 4:
         raise ValueError("bad stream header/length")
+    # A forged header must not make a few bytes decode into millions of symbols: none costs less than
+    # MIN_BITS_PER_SYMBOL, so the payload bounds the count before any work (spec section 10).
+    if C * h * w > symbol_limit(len(data) - hlen):
+        raise ValueError(f"{C * h * w} latent values cannot come from a {len(data) - hlen}-byte range-coded payload")
     p = 3
     mu = np.frombuffer(data, "<u2", C, p).astype(np.int64)
     p += 2 * C
@@ -370,8 +394,13 @@ def decode_symbols(data, shape, levels):
                 n = ys.size * xs.size
                 pred = _predict(F, coefs[4 * c + k], int(mu[c]), L)
                 pred = pred.ravel() if pred is not None else np.full(n, int(mu[c]), np.int64)
-                W = _bin_weights(shape, pred, sh, L)
-                b = dec.decode(cat, W).astype(np.int64)
+                # the bins of a batch are consecutive in the stream: decode them in slices to bound the weights' memory
+                b = np.concatenate(
+                    [
+                        dec.decode(cat, _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)).astype(np.int64)
+                        for i in range(0, n, BIN_SLICE)
+                    ]
+                )
                 hh = b - (R + 1)
                 r = hh << sh
                 if sh > 0:
