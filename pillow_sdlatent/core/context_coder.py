@@ -64,7 +64,6 @@ QSTEP = 13.0  # quality points per halving of the step
 RHO = 0.30  # dead-zone rounding offset (0.5 = plain rounding); 0.30 measured best of {0.5, 0.30}
 GRID_PHASE = True  # optimise the grid phase per channel
 NPHASE = 8
-STATS = None  # debug: list collecting residual batches (encoder only)
 CH_WEIGHT = None  # optional global override of per-channel step multipliers
 # Default multipliers for C == 4 (SD / SDXL latent spaces): step_c ∝ 1/sqrt(decoder sensitivity of channel c),
 # sensitivities measured with TAESD and TAESDXL (sensitivity.py): relative dMSE ~ (1.12, 0.74, 0.745, 1.40).
@@ -155,6 +154,8 @@ def _build_tables():
 TABLE = _build_tables()  # (2*NS, NB) int64
 TABLE_F = TABLE.astype(np.float64)
 NSHAPE = TABLE.shape[0]
+PRECISION = 24  # bits of the range coder's fixed-point probabilities
+BIN_SLICE = 1 << 15  # symbols per coder call: (BIN_SLICE, NB) float64 weights = 9 MiB
 LOG2P = np.log2(TABLE_F / TABLE_F.sum(1, keepdims=True))  # encoder-side only (shape selection)
 
 
@@ -252,7 +253,23 @@ def _check(symbols, levels):
     return symbols, levels
 
 
-def encode_symbols(symbols, levels):
+def model_probabilities(W, b):
+    """Probabilities of bins ``b`` under weights ``W`` exactly as the range coder uses them (spec section 5.1):
+    constriction's leaky fast quantization to 24 bits, every bin >= 2^-24, the last bin taking the remainder."""
+    n = W.shape[1]
+    scale = float((1 << PRECISION) - n) / W.sum(1)
+    cum = np.concatenate([np.zeros((W.shape[0], 1)), np.cumsum(W, 1)], 1)  # exact: integer weights < 2^53
+    rows = np.arange(W.shape[0])
+    left = np.floor(cum[rows, b] * scale) + b
+    right = np.where(b == n - 1, float(1 << PRECISION), np.floor(cum[rows, b + 1] * scale) + b + 1)
+    return (right - left) / float(1 << PRECISION)
+
+
+def encode_symbols(symbols, levels, costs=None):
+    """The stream of ``symbols`` (C,h,w) with per-channel alphabet sizes ``levels``.
+
+    ``costs``, if given, receives the ideal code length in bits of each batch under the stream's own model
+    (what a perfect entropy coder would spend), to measure how close the range coder comes to it."""
     symbols, levels = _check(symbols, levels)
     C, h, w = symbols.shape
     S = symbols.astype(np.int64)
@@ -293,19 +310,22 @@ def encode_symbols(symbols, levels):
             sh, shape = _choose_model(r, L)
             coefs.append(a)
             params.append((sh, shape))
-            if STATS is not None:
-                STATS.append(r)
             hh = r >> sh
             b = np.clip(hh + R + 1, 0, NB - 1)
-            W = _bin_weights(shape, pred, sh, L)
-            enc.encode(b.astype(np.int32), cat, W)
+            sel = (b == 0) | (b == NB - 1)
+            E = max(2, (L >> sh) + 2)
+            for i in range(0, b.size, BIN_SLICE):  # slices bound the (n, NB) weights' memory, as in the decoder
+                W = _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)
+                enc.encode(b[i : i + BIN_SLICE].astype(np.int32), cat, W)
+                if costs is not None:
+                    costs.append(-np.log2(model_probabilities(W, b[i : i + BIN_SLICE])).sum())
             if sh > 0:
                 enc.encode((r - (hh << sh)).astype(np.int32), uni, np.full(r.size, 1 << sh, np.int32))
-            sel = (b == 0) | (b == NB - 1)
             if sel.any():
                 e = np.where(b == 0, -R - 1 - hh, hh - R - 1)[sel]
-                E = max(2, (L >> sh) + 2)
                 enc.encode(e.astype(np.int32), uni, np.full(e.size, E, np.int32))
+            if costs is not None:
+                costs.append(float(r.size * sh + sel.sum() * np.log2(E)))
     head = bytearray(b"SL1")
     head += mu.astype("<u2").tobytes()
     for a in coefs:
@@ -317,9 +337,6 @@ def encode_symbols(symbols, levels):
 
 
 # ---------------- decoder -----------------
-BIN_SLICE = 1 << 15  # symbols per decode call: (BIN_SLICE, NB) float64 weights = 9 MiB
-
-
 def _min_bits_per_symbol() -> float:
     """The fewest bits any symbol can cost: levels >= 2 keeps a second bin of weight >= floor(2^24/256) + 1
     feasible next to the centre bin whenever sh == 0 (sh > 0 costs sh bits of low part on top)."""
