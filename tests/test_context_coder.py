@@ -105,3 +105,15 @@ def test_bad_streams_raise_value_error(stream: tuple[bytes, tuple[int, int, int]
     for forged_shape in [(2, 0, 6), (0, 6, 6), (2, 1 << 15, 1 << 15)]:
         with pytest.raises(ValueError):
             cc.decode_symbols(data, forged_shape, levels)
+
+
+def test_range_coder_spends_close_to_its_models_ideal_code_length() -> None:
+    """The spec's probability quantisation is what the coder uses: bytes within 1% of the ideal bits."""
+    rng = np.random.default_rng(4)
+    latents = (np.cumsum(rng.normal(size=(4, 48, 64)), axis=2) * 0.3).astype(np.float32)
+    for quality in (30, 75):
+        symbols, _, _, levels = cc.quantize(latents, quality)
+        costs: list[float] = []
+        data = cc.encode_symbols(symbols, levels, costs)
+        payload_bits = 8 * (len(data) - header_length(4))
+        assert sum(costs) <= payload_bits <= 1.01 * sum(costs) + 64

@@ -1,0 +1,118 @@
+"""Latent coder on its own: bits per latent value, distance to the entropy limits, and entropy-decoding speed.
+
+    python benchmarks/coder.py [--model ../shared/models/taesd] [--images ...] [--quality 20 40 60 75 90]
+
+For each image the autoencoder encodes once; then, per quality of the default method (coder 2,
+spec section 5.1), it reports the LDAT payload in bits per latent value next to
+- the ideal code length of the symbols under the coder's own model (what a perfect entropy coder
+  would spend with the same probabilities: the range coder's overhead),
+- the order-0 entropy of the symbols (per channel histogram: what a context-free coder could reach),
+and the time to entropy-decode and dequantize the latents on one CPU core (the autoencoder is separate).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: the decode-speed target is per core
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pillow_sdlatent.core import context_coder
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+KODAK = SHARED / "data" / "kodak"
+
+
+def order0_bits(symbols: np.ndarray) -> float:
+    """Empirical order-0 entropy in bits, each channel with its own histogram."""
+    total = 0.0
+    for plane in symbols:
+        counts = np.bincount(plane.ravel()).astype(np.float64)
+        p = counts[counts > 0] / plane.size
+        total -= float((counts[counts > 0] * np.log2(p)).sum())
+    return total
+
+
+def stream_header_bytes(channels: int) -> int:
+    coefficients = sum(context_coder._nfeat(c, k) for c in range(channels) for k in range(4))
+    return 3 + 2 * channels + coefficients + 8 * channels + 4
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def encode_latents(model_spec: str, paths: list[Path]) -> dict[str, np.ndarray]:
+    import torch
+    from PIL import Image
+
+    from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.pipeline import split_image, to_tensor
+
+    torch.set_num_threads(2)
+    model = load_model(model_spec, "cpu")
+    out = {}
+    for path in paths:
+        _, rgb, _ = split_image(Image.open(path).convert("RGB"))
+        out[path.name] = model.encode(to_tensor(rgb, model.downscale))[0].numpy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(SHARED / "models" / "taesd"))
+    ap.add_argument("--images", nargs="*", type=Path, default=sorted(KODAK.glob("kodim*.png")))
+    ap.add_argument("--quality", nargs="*", type=int, default=[20, 40, 60, 75, 90])
+    ap.add_argument("--repeats", type=int, default=5, help="decode timings: best of this many")
+    args = ap.parse_args(argv)
+    latents = encode_latents(args.model, args.images)
+    shape = next(iter(latents.values())).shape
+    print(
+        f"model {args.model}, {len(latents)} images (latents {shape[0]}x{shape[1]}x{shape[2]} for the first), "
+        f"{platform.processor() or platform.machine()}, one thread, constriction coder 2"
+    )
+    print("| quality | LDAT bytes | bits/latent | ideal bits under own model | coder overhead | order-0 entropy "
+          "| bytes / order-0 | encode ms | decode+dequantize ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for quality in args.quality:
+        rows = []
+        for z in latents.values():
+            symbols, offset, scale, levels = context_coder.quantize(z, quality)
+            costs: list[float] = []
+            t = time.perf_counter()
+            data = context_coder.encode_symbols(symbols, levels, costs)
+            encode_s = time.perf_counter() - t
+
+            def decode(data: bytes = data, shape: tuple = symbols.shape, levels: np.ndarray = levels,
+                       offset: np.ndarray = offset, scale: np.ndarray = scale) -> None:  # fmt: skip
+                context_coder.dequantize(context_coder.decode_symbols(data, shape, levels), offset, scale)
+
+            decode_s = best_of(decode, args.repeats)
+            payload_bits = 8 * (len(data) - stream_header_bytes(z.shape[0]))
+            rows.append((len(data), 8 * len(data) / z.size, sum(costs) / z.size, payload_bits, sum(costs),
+                         order0_bits(symbols) / z.size, encode_s, decode_s))  # fmt: skip
+        n, bpl, ideal_pl, payload, ideal, h0_pl, enc, dec = (
+            np.array(c, dtype=np.float64) for c in zip(*rows, strict=True)
+        )
+        print(
+            f"| {quality} | {n.mean():.0f} | {bpl.mean():.3f} | {ideal_pl.mean():.3f} "
+            f"| {(payload.sum() / ideal.sum() - 1) * 100:+.2f}% | {h0_pl.mean():.3f} "
+            f"| {bpl.mean() / h0_pl.mean():.3f} | {enc.mean() * 1e3:.1f} "
+            f"| {dec.mean() * 1e3:.1f} (max {dec.max() * 1e3:.1f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
