@@ -7,6 +7,7 @@ or decoded.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import IO, Any
 
@@ -45,9 +46,27 @@ def open(
     return im
 
 
+def save(im: Image.Image, fp: str | os.PathLike | IO[bytes], **options: Any) -> None:
+    """``im.save(fp, "SDL", **options)``, except that a path is replaced atomically.
+
+    ``Image.save(path)`` truncates an existing file before any plugin runs, so a
+    failed encode (a missing model, a bad option, Ctrl-C) leaves it empty. Here
+    the file is encoded in memory, written to a temporary file beside the target
+    and renamed over it: the target is either the complete new file or untouched.
+    """
+    if not isinstance(fp, (str, os.PathLike)):
+        im.save(fp, "SDL", **options)
+        return
+    from ._atomic import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    im.save(buffer, "SDL", **options)
+    write_bytes_atomic(fp, buffer.getvalue())
+
+
 register_sdlatent_opener()
 
-__all__ = ["FormatError", "SdlImageFile", "open", "options", "register_sdlatent_opener"]
+__all__ = ["FormatError", "SdlImageFile", "open", "options", "register_sdlatent_opener", "save"]
 
 
 #: Names served by torch-backed modules, imported on first access (``import pillow_sdlatent`` stays torch-free).

@@ -144,6 +144,23 @@ def test_failed_save_leaves_no_file(tmp_path, kodak_crop: Image.Image) -> None:
     assert not path.exists()
 
 
+def test_save_helper_replaces_an_existing_file_atomically(tmp_path, kodak_crop: Image.Image) -> None:
+    path = tmp_path / "x.sdl"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileNotFoundError, match="SDLATENT_MODEL"):
+        pillow_sdlatent.save(kodak_crop, path, model=str(tmp_path / "no-such-model"))
+    assert path.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.sdl"]  # no temporary file left behind
+    pillow_sdlatent.save(kodak_crop, path, quality=50)
+    buffer = io.BytesIO()
+    kodak_crop.save(buffer, "SDL", quality=50)
+    assert path.read_bytes() == buffer.getvalue()
+    # The risk the helper exists for: Pillow itself truncates an existing target before the plugin runs.
+    with pytest.raises(FileNotFoundError):
+        kodak_crop.save(path, model=str(tmp_path / "no-such-model"))
+    assert path.read_bytes() == b""
+
+
 def test_original_method_and_palette(kodak_crop: Image.Image) -> None:
     for method in ("original", "palette"):
         _, out = roundtrip(kodak_crop, method=method)
