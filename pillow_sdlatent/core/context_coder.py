@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 
 import constriction
 import numpy as np
@@ -70,12 +71,15 @@ CH_WEIGHT = None  # optional global override of per-channel step multipliers
 CH_WEIGHT_4 = (0.945, 1.162, 1.159, 0.845)
 
 
-def quality_to_step(quality):
+def quality_to_step(quality: float) -> float:
     q = min(100.0, max(0.0, float(quality)))
     return STEP0 * 2.0 ** ((Q0 - q) / QSTEP)
 
 
-def quantize(latents, quality, channel_weights=None):
+def quantize(
+    latents: np.ndarray, quality: float, channel_weights: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Symbols (C,h,w) uint16, offset and scale (C,) float32 and levels (C,) of float latents (C,h,w)."""
     z = np.asarray(latents, dtype=np.float32)
     if z.ndim != 3:
         raise ValueError("latents must be (C,h,w)")
@@ -116,7 +120,7 @@ def quantize(latents, quality, channel_weights=None):
     return syms, off, sc, lev
 
 
-def dequantize(symbols, offset, scale):
+def dequantize(symbols: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return offset[:, None, None].astype(np.float32) + scale[:, None, None].astype(np.float32) * symbols.astype(
         np.float32
     )
@@ -130,7 +134,7 @@ THETA = [k / 256.0 for k in (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112)] + [1.
 NS = len(THETA)
 
 
-def _build_tables():
+def _build_tables() -> np.ndarray:
     tabs = []
     for fam in (0, 1):  # 0 gaussian theta^(h^2), 1 laplace theta^|h|
         for theta in THETA:
@@ -160,12 +164,12 @@ LOG2P = np.log2(TABLE_F / TABLE_F.sum(1, keepdims=True))  # encoder-side only (s
 
 
 # ---------------- geometry helpers -----------------
-def _phase_pos(h, w, k):
+def _phase_pos(h: int, w: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     py, px = k >> 1, k & 1
     return np.arange(py, h, 2), np.arange(px, w, 2)
 
 
-def _nb(D, ys, xs, dy, dx):
+def _nb(D: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int) -> np.ndarray:
     h, w = D.shape
     yy = ys + dy
     xx = xs + dx
@@ -179,7 +183,7 @@ def _nb(D, ys, xs, dy, dx):
     return out
 
 
-def _features(Dall, c, k, ys, xs):
+def _features(Dall: np.ndarray, c: int, k: int, ys: np.ndarray, xs: np.ndarray) -> list[np.ndarray]:
     D = Dall[c]
     F = []
     if k == 1:
@@ -195,11 +199,11 @@ def _features(Dall, c, k, ys, xs):
     return F
 
 
-def _nfeat(c, k):
+def _nfeat(c: int, k: int) -> int:
     return (0, 1, 2, 2)[k] + min(c, 3)
 
 
-def _predict(F, coef, mu, L):
+def _predict(F: list[np.ndarray], coef: np.ndarray, mu: int, L: int) -> np.ndarray | None:
     s = np.zeros(F[0].shape if F else (), np.int64) if F else 0
     for f, a in zip(F, coef, strict=False):
         s = s + f * int(a)
@@ -209,7 +213,7 @@ def _predict(F, coef, mu, L):
     return np.clip(p, 0, L - 1)
 
 
-def _bin_weights(shape, pred, sh, L):
+def _bin_weights(shape: int, pred: np.ndarray, sh: int, L: int) -> np.ndarray:
     """(n, NB) float64 weights with infeasible bins masked."""
     n = pred.size
     W = np.broadcast_to(TABLE_F[shape], (n, NB)).copy()
@@ -224,7 +228,7 @@ def _bin_weights(shape, pred, sh, L):
 
 
 # ---------------- encoder -----------------
-def _choose_model(r, L):
+def _choose_model(r: np.ndarray, L: int) -> tuple[int, int]:
     """pick (sh, shape) minimising estimated bits for residuals r (encoder only)."""
     best = None
     for sh in range(0, 17):
@@ -243,7 +247,7 @@ def _choose_model(r, L):
     return best[1], best[2]
 
 
-def _check(symbols, levels):
+def _check(symbols: np.ndarray, levels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     symbols = np.asarray(symbols)
     if symbols.ndim != 3:
         raise ValueError("symbols must be (C,h,w)")
@@ -253,7 +257,7 @@ def _check(symbols, levels):
     return symbols, levels
 
 
-def model_probabilities(W, b):
+def model_probabilities(W: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Probabilities of bins ``b`` under weights ``W`` exactly as the range coder uses them (spec section 5.1):
     constriction's leaky fast quantization to 24 bits, every bin >= 2^-24, the last bin taking the remainder."""
     n = W.shape[1]
@@ -265,7 +269,7 @@ def model_probabilities(W, b):
     return (right - left) / float(1 << PRECISION)
 
 
-def encode_symbols(symbols, levels, costs=None):
+def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, costs: list[float] | None = None) -> bytes:
     """The stream of ``symbols`` (C,h,w) with per-channel alphabet sizes ``levels``.
 
     ``costs``, if given, receives the ideal code length in bits of each batch under the stream's own model
@@ -354,7 +358,7 @@ def symbol_limit(payload_bytes: int) -> int:
     return SYMBOLS_PER_BIT * (8 * payload_bytes + 64)
 
 
-def decode_symbols(data, shape, levels):
+def decode_symbols(data: bytes, shape: Sequence[int], levels: Sequence[int] | np.ndarray) -> np.ndarray:
     try:
         C, h, w = (int(v) for v in shape)
     except Exception:
