@@ -66,6 +66,14 @@ def test_kmeans_beats_imagequant_on_latent_error() -> None:
     assert errs[0] < errs[1]
 
 
+def test_imagequant_palette_stores_only_the_colours_asked_for() -> None:
+    """libimagequant pads its palette to 256 entries; a 16-colour file must not carry 240 padding entries."""
+    sym, *_ = range_quantize(_latents(h=32, w=32, seed=5), 256)
+    for colors in (16, 64):
+        pal, idx = imagequant_palette(sym, colors, 1.0)
+        assert len(pal) <= colors and int(idx.max()) == len(pal) - 1
+
+
 def test_imagequant_needs_four_channels() -> None:
     sym, *_ = range_quantize(_latents(c=3), 256)
     with pytest.raises(ValueError, match="4-channel"):

@@ -30,8 +30,12 @@ def imagequant_palette(symbols: np.ndarray, colors: int = 256, dither: float = 1
         raise ValueError(f"libimagequant builds 2..256 colours, not {colors}")
     rgba = np.ascontiguousarray(symbols.transpose(1, 2, 0).astype(np.uint8)).tobytes()
     indices, flat = imagequant.quantize_raw_rgba_bytes(rgba, w, h, dithering_level=float(dither), max_colors=colors)
-    palette = np.asarray(flat, dtype=np.uint16).reshape(-1, 4)
-    return palette, np.frombuffer(indices, dtype=np.uint8).reshape(h, w).astype(np.uint16)
+    index_plane = np.frombuffer(indices, dtype=np.uint8).reshape(h, w).astype(np.uint16)
+    # libimagequant returns 256 entries whatever max_colors says (the tail zero-filled): store only those
+    # up to the last index used, not 4 bytes of padding per missing colour.
+    used = int(index_plane.max(initial=0)) + 1
+    palette = np.asarray(flat, dtype=np.uint16).reshape(-1, 4)[:used]
+    return palette, index_plane
 
 
 def _nearest(vectors: np.ndarray, centres: np.ndarray) -> np.ndarray:
