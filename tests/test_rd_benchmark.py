@@ -1,0 +1,133 @@
+"""The rate-distortion benchmark (benchmarks/rd.py): a --quick run on 256x256 Kodak crops, and its BD-rate maths."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load_metrics():
+    spec = importlib.util.spec_from_file_location("rd_metrics", BENCH / "rd_metrics.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rd_metrics"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+rm = _load_metrics()
+
+
+def _cvvdp_importable() -> bool:
+    try:
+        import pycvvdp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_quick_run_on_crops(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "rd.py"), "--quick", "--crop", "256", "--images", str(kodak_dir)]
+    cmd += ["--model", str(taesd_dir), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    folder = out / "taesd"
+    summary = (folder / "summary.md").read_text()
+    assert "| TAESD: budget" in summary and "fits" in summary and "BD-rate" in summary
+    assert summary in run.stdout  # printed too
+
+    with (folder / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    images = {r["image"] for r in rows}
+    assert len(images) == 3
+    assert {r["width"] for r in rows} == {"256"} and {r["height"] for r in rows} == {"256"}
+    sdl = [r for r in rows if r["kind"] == "sdl"]
+    assert len(sdl) == 3 * 2 and {r["param"] for r in sdl} == {"50", "75"}
+    for r in sdl:
+        assert float(r["bpp"]) > 0 and math.isfinite(float(r["psnr"]))
+        assert r["ssim"] == "n/a" if rm.Metrics(jod_enabled=False).ssim_reason else 0 < float(r["ssim"]) <= 1
+    matched = [r for r in rows if r["kind"] == "matched"]
+    # every (image, setting) has one row per codec: a result that fits, or an explicit reason
+    # ("original-trimmed" is there while the original method's palette chunk is padded, see rd.PLTE_NOTE)
+    codecs = {"original", "JPEG", "WebP", "AVIF", "JPEG XL"}
+    for image in images:
+        for q in ("q50", "q75"):
+            got = [r["codec"] for r in matched if r["image"] == image and r["setting"] == q]
+            assert sorted(got) == sorted(set(got)) and codecs <= set(got) <= codecs | {"original-trimmed"}
+    for r in matched:
+        if r["status"] == "ok":
+            assert 0 < int(r["bytes"]) <= int(r["budget_bytes"])
+            assert float(r["bpp"]) > 0 and math.isfinite(float(r["psnr"]))
+        else:
+            assert r["status"].startswith(("does not fit", "n/a ("))
+    assert any(r["status"] == "ok" and r["codec"] == "AVIF" for r in matched)
+    if not _cvvdp_importable():
+        assert {r["jod"] for r in rows if r["status"] == "ok" and r["kind"] != "floor"} == {"n/a"}
+        assert "JOD: n/a (cvvdp not importable" in summary
+
+    with (folder / "coding.csv").open() as f:
+        coding = list(csv.DictReader(f))
+    assert len(coding) == 3 * 2
+    for c in coding:
+        # the range coder spends what its own model says, up to the flush and word rounding
+        assert 0.99 < float(c["payload_bits"]) / float(c["ideal_bits"]) < 1.05
+        assert 0 < float(c["h0_bits"]) <= float(c["values"]) * 16
+    res = json.loads((folder / "results.json").read_text())
+    assert res["model"] == "TAESD" and res["crop"] == 256 and len(res["images"]) == 3
+
+    docs = tmp_path / "docs" / "benchmarks.md"
+    run = subprocess.run([sys.executable, str(BENCH / "rd.py"), "--docs-only", "--docs", str(docs), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    text = docs.read_text()
+    assert "TAESD" in text and "../shared/models/taesd/README.md" in text and "sdlatent bench --model sd" in text
+    if (folder / "rd_taesd.png").exists():  # matplotlib installed
+        assert (docs.parent / "img" / "rd_taesd.png").stat().st_size < 150_000
+
+
+def test_bd_rate_of_scaled_curves() -> None:
+    anchor = ([0.1, 0.2, 0.4, 0.8], [20.0, 24.0, 27.0, 29.0])
+    half = ([r / 2 for r in anchor[0]], anchor[1])
+    assert rm.bd_rate(anchor, anchor).rate_pct == pytest.approx(0.0, abs=1e-9)
+    assert rm.bd_rate(anchor, half).rate_pct == pytest.approx(-50.0, abs=1e-6)
+    assert rm.bd_rate(half, anchor).rate_pct == pytest.approx(100.0, abs=1e-6)
+    apart = rm.bd_rate(anchor, ([0.1, 0.2], [10.0, 12.0]))
+    assert apart.rate_pct is None and "no overlap" in apart.note
+
+
+def test_bd_rate_drops_saturated_points() -> None:
+    rates, metric = rm.monotone_curve([0.4, 0.1, 0.2, 0.3], [7.0, 5.0, 6.5, 7.1])
+    assert list(rates) == [0.1, 0.2, 0.3] and list(metric) == [5.0, 6.5, 7.1]
+
+
+def test_pchip_matches_scipy_where_available() -> None:
+    x, y = [0.0, 1.0, 2.5, 3.0, 5.0], [0.0, 0.8, 1.0, 2.0, 2.1]
+    xq = [0.0, 0.3, 1.7, 2.9, 4.2, 5.0]
+    got = rm.pchip(x, y, xq)
+    assert got[0] == pytest.approx(0.0) and got[-1] == pytest.approx(2.1)
+    interpolate = pytest.importorskip("scipy.interpolate")
+    assert got == pytest.approx(interpolate.PchipInterpolator(x, y)(xq))
+
+
+def test_entropies_of_known_sources() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sym = rng.integers(0, 4, size=(2, 64, 64)).astype(np.uint16)  # 2 bits per value, no context to exploit
+    n = sym.size
+    assert rm.order0_bits(sym) / n == pytest.approx(2.0, abs=0.01)
+    emp, adaptive = rm.context_bits(sym, np.array([4, 4]))
+    assert emp / n == pytest.approx(2.0, abs=0.02) and emp <= rm.order0_bits(sym) + 1e-6
+    assert adaptive > emp  # the adaptive code pays for learning its 9 histograms per channel
