@@ -28,3 +28,9 @@ DENOISE: float = 0.0
 #: Diffusers pipeline folder or hub id of the denoising U-Net (None: ``SDLATENT_DENOISE_MODEL``,
 #: then Stable Diffusion 1.5).
 DENOISE_MODEL: str | None = None
+
+#: Tile side in pixels for encoding and decoding large images in overlapping, blended tiles
+#: (memory is bounded by the tile; tiles hold at most its square). None: ``SDLATENT_TILE_SIZE``,
+#: else chosen from the model and device (about 2 GiB of activations a tile on the CPU); 0: never tile.
+#: An image that fits in one tile is never tiled. See :mod:`pillow_sdlatent.models.tiling`.
+TILE_SIZE: int | None = None
