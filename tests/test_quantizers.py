@@ -48,6 +48,18 @@ def test_scalar_rejects_bad_input() -> None:
         range_quantize(_latents(), 1)
 
 
+def test_original_method_maps_fixed_range_to_8_bits() -> None:
+    # The original SD method (../shared/models/taesd/README.md): latents mapped from [-3, 3] to uint8, clipped.
+    s = settings_for(None, "original", 4)
+    assert (s.span, s.levels, s.palette_method) == (3.0, 256, "imagequant")
+    x = np.array([[[-4.0, -3.0, 1.0, 3.0, 3.5]]], np.float32)
+    sym, off, scale, levels = range_quantize(x, 256, span=3.0)
+    assert sym.tolist() == [[[0, 0, 170, 255, 255]]] and list(levels) == [256]
+    assert off.tobytes() == np.float32(-3).tobytes() and scale.tobytes() == np.float32(6 / 255).tobytes()
+    with pytest.raises(ValueError, match="span"):
+        range_quantize(x, 256, span=0.0)
+
+
 def test_kmeans_palette_deterministic_and_in_range() -> None:
     sym, *_, levels = range_quantize(_latents(c=6), 256)
     p1, i1 = kmeans_palette(sym, levels, colors=32, dither=1.0)

@@ -17,8 +17,11 @@ def dequantize(symbols: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np
     return (scale.astype(np.float32).reshape(shape) * q) + offset.astype(np.float32).reshape(shape)
 
 
-def range_quantize(latents: np.ndarray, levels: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize (C, h, w) float latents to ``levels`` steps spanning each channel's min..max.
+def range_quantize(
+    latents: np.ndarray, levels: int = 256, span: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize (C, h, w) float latents to ``levels`` steps spanning each channel's min..max,
+    or the fixed range ``[-span, span]`` (values outside clipped), as the original SD method does.
 
     Returns ``(symbols uint16, offset, scale, levels)`` with one entry per channel.
     A constant channel gets scale 0 (every symbol decodes to the constant).
@@ -28,8 +31,14 @@ def range_quantize(latents: np.ndarray, levels: int = 256) -> tuple[np.ndarray, 
     x = np.asarray(latents, dtype=np.float32)
     if x.ndim != 3 or not np.all(np.isfinite(x)):
         raise ValueError("latents must be a finite float array of shape (C, h, w)")
-    lo = x.min(axis=(1, 2))
-    hi = x.max(axis=(1, 2))
+    if span is not None:
+        if not span > 0:
+            raise ValueError(f"span must be positive, got {span}")
+        lo = np.full(x.shape[0], -span, np.float32)
+        hi = np.full(x.shape[0], span, np.float32)
+    else:
+        lo = x.min(axis=(1, 2))
+        hi = x.max(axis=(1, 2))
     scale = ((hi - lo) / np.float32(levels - 1)).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.rint((x - lo[:, None, None]) / safe[:, None, None])
