@@ -316,14 +316,14 @@ class Converter:
             return
         latents: list[Any]
         try:
-            latents = encode_batch(model, [item[3] for item in loaded], len(loaded))
+            latents = encode_batch(model, [item[3] for item in loaded], len(loaded), refine=0)  # refined per file below
         except Exception as exc:
             latents = [exc] if len(loaded) == 1 else []
         if not latents:
             # One image broke the batch (e.g. out of memory at its size): retry one by one.
             for item in loaded:
                 try:
-                    latents.append(encode_batch(model, [item[3]], 1)[0])
+                    latents.append(encode_batch(model, [item[3]], 1, refine=0)[0])
                 except Exception as exc:
                     latents.append(exc)
         for (job, size, stored, rgb, alpha, info), z in zip(loaded, latents, strict=True):
@@ -337,10 +337,12 @@ class Converter:
 
     def _write_sdl(self, job: Job, model: Any, settings: Any, z: Any, size: tuple[int, int], stored: str,
                    rgb: Any, alpha: Any, info: dict) -> None:  # fmt: skip
+
         from ._atomic import atomic_write
         from .core.container import write_chunks
-        from .pipeline import latents_to_chunks
+        from .pipeline import latents_for_file, latents_to_chunks
 
+        z, settings = latents_for_file(model, rgb, z, settings, self.args.refine)  # refine= steps, if any
         if isinstance(info.get("exif"), Image.Exif):
             info["exif"] = info["exif"].tobytes()
         # The same chunks Image.save writes, the prVw preview included unless --no-preview.
@@ -517,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", help="model spec: alias, hub id or folder (default: SDLATENT_MODEL, then the SD VAE)"
                       "; when decoding, overrides the model the file names (its fingerprint must match)")  # fmt: skip
     conv.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: SDLATENT_DEVICE, then the best available)")
+    conv.add_argument(
+        "--refine",
+        type=int,
+        metavar="STEPS",
+        help="latent refinement steps through the decoder "
+        "(default: SDLATENT_REFINE, else 0; each step costs about three decodes; see docs/refine.md)",
+    )
     conv.add_argument("-b", "--batch-size", type=int, default=8, metavar="N", help="images per forward pass (8)")
     conv.add_argument("--no-preview", action="store_true", help="leave out the model-free preview chunk (prVw)")
     conv.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -543,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     if getattr(args, "quality", None) is not None and not 0 <= args.quality <= 100:
         parser.error("--quality must be in 0..100")
+    if getattr(args, "refine", None) is not None and args.refine < 0:
+        parser.error("--refine must be a number of steps >= 0")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ from .core.container import write_chunks
 from .core.header import FINGERPRINT_SIZE, Header
 from .core.settings import QuantSettings, settings_for
 from .models import Autoencoder, load_model
-from .pipeline import decode_batch, encode_batch, split_image
+from .pipeline import decode_batch, encode_batch, refine_steps, split_image
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 LatentArray = torch.Tensor | np.ndarray
@@ -198,6 +198,7 @@ def encode_images(
     *,
     device: str | None = None,
     batch_size: int = 8,
+    refine: int | None = None,
 ) -> list[torch.Tensor] | torch.Tensor:
     """Latents of many images, in batches (images of equal size share a forward pass).
 
@@ -205,9 +206,14 @@ def encode_images(
         uint8 arrays -> a list of ``(C, h, w)`` float32 CPU tensors; or a float
         tensor ``(N, 3, H, W)`` in [0, 1] (H, W multiples of the model's
         downscale) -> a ``(N, C, h, w)`` tensor.
+    refine: latent refinement steps against the float decode (default ``options.REFINE``,
+        ``SDLATENT_REFINE``, else 0; see :mod:`pillow_sdlatent.models.refine`): for latents kept
+        at high precision. Coarsely quantized files should refine through their quantizer, as
+        ``Image.save(..., refine=N)`` does.
     Latents are in the scaled space (see the module docstring). Store them
     with :func:`write_latents`.
     """
+    steps = refine_steps(refine)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     ae = _resolve(model, device)
@@ -216,13 +222,16 @@ def encode_images(
             raise ValueError(f"an image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
         if images.shape[2] % ae.downscale or images.shape[3] % ae.downscale:
             raise ValueError(f"image height and width must be multiples of {ae.downscale}; pad or crop first")
-        parts = [ae.encode(images[i : i + batch_size]).cpu().float() for i in range(0, len(images), batch_size)]
+        parts = [
+            ae.refine(x, ae.encode(x), steps).cpu().float() if steps else ae.encode(x).cpu().float()
+            for x in (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        ]
         if not parts:
             f = ae.downscale
             return images.new_zeros((0, ae.latent_channels, images.shape[2] // f, images.shape[3] // f))
         return torch.cat(parts)
     rgbs = [split_image(im)[1] if isinstance(im, Image.Image) else _rgb_array(im) for im in images]
-    return [torch.from_numpy(z) for z in encode_batch(ae, rgbs, batch_size)]
+    return [torch.from_numpy(z) for z in encode_batch(ae, rgbs, batch_size, steps)]
 
 
 def _rgb_array(arr: np.ndarray) -> np.ndarray:

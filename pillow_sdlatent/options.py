@@ -34,3 +34,8 @@ DENOISE_MODEL: str | None = None
 #: else chosen from the model and device (about 2 GiB of activations a tile on the CPU); 0: never tile.
 #: An image that fits in one tile is never tiled. See :mod:`pillow_sdlatent.models.tiling`.
 TILE_SIZE: int | None = None
+
+#: Encoder-side latent refinement: gradient steps through the decoder before quantizing (0: off;
+#: None: ``SDLATENT_REFINE``, else 0). Files stay valid for every reader; encoding costs about
+#: three decodes a step, so it is for GPUs or patient CPUs. See :mod:`pillow_sdlatent.models.refine`.
+REFINE: int | None = None

@@ -7,7 +7,9 @@ imports it only when an image is encoded or decoded.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -75,9 +77,74 @@ def to_uint8(images: torch.Tensor, height: int, width: int) -> np.ndarray:
     return x.permute(1, 2, 0).contiguous().numpy()
 
 
-def encode_latents(model: Autoencoder, rgb: np.ndarray) -> np.ndarray:
-    """(C, h, w) float32 latents of one RGB image."""
-    return model.encode(to_tensor(rgb, model.downscale))[0].cpu().numpy().astype(np.float32)
+def refine_steps(refine: int | None = None) -> int:
+    """Refinement steps: ``refine`` if given, else ``options.REFINE``, else ``SDLATENT_REFINE``, else 0."""
+    value: object = refine if refine is not None else options.REFINE
+    if value is None:
+        env = os.environ.get("SDLATENT_REFINE", "").strip()
+        try:
+            value = int(env) if env else 0
+        except ValueError:
+            raise ValueError(f"SDLATENT_REFINE must be a number of steps >= 0, got {env!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"refine must be a number of steps >= 0, got {value!r}")
+    return value
+
+
+def encode_latents(model: Autoencoder, rgb: np.ndarray, refine: int | None = None) -> np.ndarray:
+    """(C, h, w) float32 latents of one RGB image, refined ``refine`` steps against the float decode
+    (see :func:`refine_steps`; to refine for a file, use :func:`latents_for_file`)."""
+    steps = refine_steps(refine)
+    x = to_tensor(rgb, model.downscale)
+    z = model.encode(x)
+    if steps:
+        z = model.refine(x, z, steps, height=rgb.shape[0], width=rgb.shape[1])
+    return z[0].cpu().numpy().astype(np.float32)
+
+
+def latents_for_file(
+    model: Autoencoder, rgb: np.ndarray, latents: np.ndarray, settings: QuantSettings, refine: int | None = None
+) -> tuple[np.ndarray, QuantSettings]:
+    """The latents and settings to write for ``latents``, the encoder's output for ``rgb``.
+
+    Without refinement: unchanged. With ``refine`` steps and the context quantizer: refined through
+    that quantizer on the grid the encoder's latents choose, and the settings pinned to that grid
+    (never worse than the encoder's latents: see :mod:`.models.refine`). With the other quantizers
+    (their grids move with the latents): refined against the float decode, and the encoder's latents
+    kept when those decode closer once quantized (:func:`best_quantized`).
+    """
+    steps = refine_steps(refine)
+    if not steps:
+        return latents, settings
+    from .core import context_coder
+    from .models.refine import dead_zone_quantizer
+
+    x = to_tensor(rgb, model.downscale)
+    z = torch.from_numpy(latents)[None]
+    h, w = rgb.shape[:2]
+    if settings.coder == "context":
+        grid = settings.grid or context_coder.grid(latents, settings.quality)
+        zr = model.refine(x, z, steps, height=h, width=w, quantizer=dead_zone_quantizer(grid))
+        return zr[0].cpu().numpy().astype(np.float32), replace(settings, grid=grid)
+    zr = model.refine(x, z, steps, height=h, width=w)[0].cpu().numpy().astype(np.float32)
+    return best_quantized(model, rgb, [zr, latents], settings), settings
+
+
+def best_quantized(
+    model: Autoencoder, rgb: np.ndarray, candidates: list[np.ndarray], settings: QuantSettings
+) -> np.ndarray:
+    """The candidate whose latents, quantized at ``settings`` as a reader will see them, decode closest
+    to ``rgb`` (pixel MSE); the first when there is one. Costs one decode per candidate."""
+    if len(candidates) == 1:
+        return candidates[0]
+    h, w = rgb.shape[:2]
+    ref = torch.from_numpy(np.array(rgb, dtype=np.float32))
+    errors = []
+    for z in candidates:
+        fields, payload, palette = quantize(z, settings)
+        out = to_uint8(model.decode(torch.from_numpy(reader_latents(fields, payload, palette))[None]), h, w)
+        errors.append(float((torch.from_numpy(out).float() - ref).square().mean()))
+    return candidates[int(np.argmin(errors))]
 
 
 def encode_image(
@@ -89,12 +156,14 @@ def encode_image(
     info: dict | None = None,
     extra: list[Chunk] | None = None,
     preview: bool = True,
+    refine: int | None = None,
 ) -> list[Chunk]:
-    """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``)."""
+    """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``);
+    ``refine``: latent refinement steps (see :func:`refine_steps`)."""
     if not isinstance(model, Autoencoder):
         model = load_model(model, device or options.DEVICE, options.DTYPE)
     stored, rgb, alpha = split_image(im)
-    latents = encode_latents(model, rgb)
+    latents, settings = latents_for_file(model, rgb, encode_latents(model, rgb), settings, refine)
     return latents_to_chunks(
         latents, model, settings, im.size, stored, alpha, info=info, extra=extra, preview_of=rgb if preview else None
     )
@@ -180,8 +249,11 @@ def decode_image(
     return im
 
 
-def encode_batch(model: Autoencoder, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """Latents of many RGB uint8 arrays; images of equal size share forward passes."""
+def encode_batch(
+    model: Autoencoder, images: list[np.ndarray], batch_size: int = 8, refine: int | None = None
+) -> list[np.ndarray]:
+    """Latents of many RGB uint8 arrays; images of equal size share forward passes (and refinement steps)."""
+    steps = refine_steps(refine)
     out: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, rgb in enumerate(images):
@@ -190,7 +262,10 @@ def encode_batch(model: Autoencoder, images: list[np.ndarray], batch_size: int =
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
             x = torch.cat([to_tensor(images[i], model.downscale) for i in part])
-            z = model.encode(x).cpu().numpy().astype(np.float32)
+            z = model.encode(x)
+            if steps:
+                z = model.refine(x, z, steps, height=images[part[0]].shape[0], width=images[part[0]].shape[1])
+            z = z.cpu().numpy().astype(np.float32)
             for j, i in enumerate(part):
                 out[i] = z[j]
     return out  # type: ignore[return-value]

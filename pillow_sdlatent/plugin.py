@@ -190,6 +190,8 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     budget = ratecontrol.budget_bytes(im.width, im.height, opts.get("target_size"), opts.get("target_bpp"))
     if budget is not None and opts.get("quality") is not None:
         raise ValueError("give quality or a target_size/target_bpp budget, not both")
+    from .pipeline import refine_steps
+
     model = load_model(opts.get("model"), opts.get("device"))
 
     def settings(quality: int | None) -> QuantSettings:
@@ -197,6 +199,7 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
         return settings_for(quality, method, model.latent_channels, opts.get("dither"), opts.get("palette_size"))
 
     settings(opts.get("quality"))  # reject bad options before the model runs
+    refine = refine_steps(opts.get("refine"))
     info = {}
     for key in ("exif", "icc_profile", "xmp"):
         value = opts.get(key, im.info.get(key))
@@ -206,26 +209,31 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
             info[key] = value
     with_preview = bool(opts.get("preview", True))
     if budget is None:
-        chunks = encode_image(im, settings(opts.get("quality")), model, info=info, preview=with_preview)
+        chunks = encode_image(im, settings(opts.get("quality")), model, info=info, preview=with_preview, refine=refine)
     else:
-        chunks = _encode_to_budget(im, model, settings, budget, info, with_preview)
+        chunks = _encode_to_budget(im, model, settings, budget, info, with_preview, refine)
     # Everything is encoded before the first byte is written: a failure leaves fp untouched.
     write_chunks(fp, chunks)
 
 
 def _encode_to_budget(im: Image.Image, model: Any, settings: Any, budget: int, info: dict,
-                      with_preview: bool) -> list:  # fmt: skip
-    """Encode once, then quantize and code at the qualities a bisection visits (see core.ratecontrol)."""
-    from .pipeline import encode_latents, latents_to_chunks, split_image
+                      with_preview: bool, refine: int) -> list:  # fmt: skip
+    """Encode (and refine) once, then quantize and code at the qualities a bisection visits (see core.ratecontrol)."""
+    from .pipeline import encode_latents, latents_for_file, latents_to_chunks, split_image
 
     stored, rgb, alpha = split_image(im)
     latents = encode_latents(model, rgb)
 
-    def build(s: QuantSettings) -> list:
+    def build(s: QuantSettings, z: Any = latents) -> list:
         preview_of = rgb if with_preview else None
-        return latents_to_chunks(latents, model, s, im.size, stored, alpha, info=info, preview_of=preview_of)
+        return latents_to_chunks(z, model, s, im.size, stored, alpha, info=info, preview_of=preview_of)
 
-    _, chunks = ratecontrol.fit_budget(settings, build, budget)
+    quality, chunks = ratecontrol.fit_budget(settings, build, budget)
+    if refine:  # refine at the quality the search found; keep the unrefined file if the refined one overshoots
+        z, s = latents_for_file(model, rgb, latents, settings(quality), refine)
+        refined = build(s, z)
+        if ratecontrol.file_size(refined) <= budget:
+            chunks = refined
     return chunks
 
 

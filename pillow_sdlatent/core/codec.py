@@ -57,9 +57,9 @@ class LatentFile:
 def quantize(latents: np.ndarray, settings: QuantSettings) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Quantize float latents; returns header fields, the LDAT symbol array and the palette."""
     if settings.coder == "context":
-        symbols, offset, scale, levels = context_coder.quantize(latents, settings.quality)
+        symbols, offset, scale, levels = context_coder.quantize(latents, settings.quality, grid_=settings.grid)
     else:
-        symbols, offset, scale, levels = range_quantize(latents, settings.levels)
+        symbols, offset, scale, levels = range_quantize(latents, settings.levels, settings.span)
     fields = {"offset": offset, "scale": scale, "levels": levels, "quantizer": settings.quantizer}
     if settings.quantizer == "scalar":
         return fields | {"palette_size": 0}, symbols, None

@@ -76,43 +76,76 @@ def quality_to_step(quality: float) -> float:
     return STEP0 * 2.0 ** ((Q0 - q) / QSTEP)
 
 
-def quantize(
-    latents: np.ndarray, quality: float, channel_weights: Sequence[float] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Symbols (C,h,w) uint16, offset and scale (C,) float32 and levels (C,) of float latents (C,h,w)."""
+Grid = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # per channel: step, phase, dead-zone centre
+
+
+def grid(latents: np.ndarray, quality: float, channel_weights: Sequence[float] | None = None) -> Grid:
+    """The quantizer's per-channel grid for these latents: (step D_c, phase phi_c, dead-zone centre m_c).
+
+    :func:`quantize` uses it as given; encoders that move the latents towards a fixed grid (latent
+    refinement) compute it once and pass it back, so the file is quantized on the grid they aimed at."""
     z = np.asarray(latents, dtype=np.float32)
     if z.ndim != 3:
         raise ValueError("latents must be (C,h,w)")
     C = z.shape[0]
     step = quality_to_step(quality)
-    syms = np.empty(z.shape, np.uint16)
-    off = np.empty(C, np.float32)
-    sc = np.empty(C, np.float32)
-    lev = np.empty(C, np.uint32)
     cw = channel_weights if channel_weights is not None else CH_WEIGHT
     if cw is None and C == 4:
         cw = CH_WEIGHT_4
-    zc_all = z
+    steps, phases, centres = [], [], []
     for c in range(C):
         d = step * (float(cw[c]) if cw is not None and c < len(cw) else 1.0)
-        zc = np.nan_to_num(zc_all[c].astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+        zc = np.nan_to_num(z[c].astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
         while True:
             # grid phase: choose phi in {0,1/NPHASE,..} (units of the step) minimising the squared error
             best = None
             for j in range(NPHASE if GRID_PHASE else 1):
                 ph = j / float(NPHASE)
                 t = zc / d - ph
-                m = np.round(np.mean(t))  # grid point next to the channel mean = dead-zone centre
-                u = t - m
-                qi = m + np.sign(u) * np.floor(np.abs(u) + RHO)
+                m = float(np.round(np.mean(t)))  # grid point next to the channel mean = dead-zone centre
+                qi = _dead_zone(t, m)
                 err = float(np.sum((t - qi) ** 2))
                 if best is None or err < best[0] - 1e-9:
-                    best = (err, ph, qi)
-            _, ph, qi = best
-            lo, hi = qi.min(), qi.max()
-            if hi - lo + 1 <= 65536:
+                    best = (err, ph, m, qi)
+            _, ph, m, qi = best
+            if qi.max() - qi.min() + 1 <= 65536:
                 break
             d *= 2.0
+        steps.append(d)
+        phases.append(ph)
+        centres.append(m)
+    return tuple(steps), tuple(phases), tuple(centres)
+
+
+def _dead_zone(t: np.ndarray, m: float) -> np.ndarray:
+    u = t - m
+    return m + np.sign(u) * np.floor(np.abs(u) + RHO)
+
+
+def quantize(
+    latents: np.ndarray,
+    quality: float,
+    channel_weights: Sequence[float] | None = None,
+    grid_: Grid | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Symbols (C,h,w) uint16, offset and scale (C,) float32 and levels (C,) of float latents (C,h,w),
+    on ``grid_`` if given (see :func:`grid`), else on the grid these latents choose."""
+    z = np.asarray(latents, dtype=np.float32)
+    g = grid_ if grid_ is not None else grid(z, quality, channel_weights)
+    C = z.shape[0]
+    if any(len(part) != C for part in g):
+        raise ValueError(f"a grid for {len(g[0])} channels cannot quantize {C}")
+    syms = np.empty(z.shape, np.uint16)
+    off = np.empty(C, np.float32)
+    sc = np.empty(C, np.float32)
+    lev = np.empty(C, np.uint32)
+    for c in range(C):
+        d, ph, m = (float(v[c]) for v in g)
+        zc = np.nan_to_num(z[c].astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+        qi = _dead_zone(zc / d - ph, m)
+        lo, hi = qi.min(), qi.max()
+        if hi - lo + 1 > 65536:
+            raise ValueError(f"channel {c} spans {int(hi - lo + 1)} steps of the grid (at most 65536)")
         syms[c] = (qi - lo).astype(np.uint16)
         off[c] = np.float32((lo + ph) * d)
         sc[c] = np.float32(d)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 DEFAULT_QUALITY = 75
+#: The original method's fixed latent range, [-3, 3] (../shared/models/taesd/README.md).
+ORIGINAL_SPAN = 3.0
 
 #: Named methods (``method=`` save option); ``quality`` tunes each of them except ``original``.
 METHODS = ("auto", "context", "scalar", "palette", "original")
@@ -22,6 +24,9 @@ class QuantSettings:
     dither: error-diffusion strength 0..1 for palettes.
     coder: entropy coder of the symbol payload (``raw``, ``zstd``, ``context``).
     quality: the context quantizer's knob (its step size, see core/context_coder.py).
+    span: scalar grid over the fixed range [-span, span] for every channel (None: each channel's min..max).
+    grid: the context quantizer's per-channel (steps, phases, centres) to use instead of the one the
+        latents choose (set by latent refinement, which aims at a grid; see context_coder.grid).
     """
 
     quantizer: str = "scalar"
@@ -31,6 +36,8 @@ class QuantSettings:
     dither: float = 1.0
     coder: str = "zstd"
     quality: int = DEFAULT_QUALITY
+    span: float | None = None
+    grid: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def settings_for(
@@ -52,9 +59,9 @@ def settings_for(
     ``palette``: k-means palette of ``palette_size`` entries (default
     ``round(2 ** (3 + 5 * quality / 100))``: quality 0: 8, 75: 114, 100: 256)
     with error-diffusion dithering, then zstd.
-    ``original``: the original Stable Diffusion method, a 256-colour
-    libimagequant palette with dithering (4-channel latents only; ``quality``
-    does not change it). In every method but ``original`` file size grows with
+    ``original``: the original Stable Diffusion method: latents mapped from
+    [-3, 3] to 8 bits, a 256-colour libimagequant palette with dithering, zstd
+    (4-channel latents only; ``quality`` does not change it). In every method but ``original`` file size grows with
     quality.
     """
     q = DEFAULT_QUALITY if quality is None else quality
@@ -69,7 +76,7 @@ def settings_for(
     if method == "original":
         if channels != 4:
             raise ValueError(f"method='original' (libimagequant) needs 4 latent channels, this model has {channels}")
-        s = QuantSettings("palette", 256, palette_size or 256, "imagequant", 1.0, "zstd")
+        s = QuantSettings("palette", 256, palette_size or 256, "imagequant", 1.0, "zstd", span=ORIGINAL_SPAN)
     elif method == "palette":
         s = QuantSettings("palette", 256, palette_size or round(2 ** (3 + 5 * q / 100)), "kmeans", 1.0, "zstd")
     elif method == "scalar":

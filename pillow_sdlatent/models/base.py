@@ -8,6 +8,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -54,6 +55,17 @@ class Autoencoder(ABC):
 
     @abstractmethod
     def _decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """``_decode`` with autograd on (for :mod:`.refine`): float32 images, not clamped, not guarded."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.model_id!r}) cannot refine latents; pass refine=0")
+
+    def refine(self, images: torch.Tensor, latents: torch.Tensor, steps: int, **kwargs: Any) -> torch.Tensor:
+        """``latents`` of ``images`` after ``steps`` gradient steps through the decoder (see :mod:`.refine`)."""
+        from .refine import refine_latents
+
+        self._prepare()
+        return refine_latents(self, images, latents, steps, **kwargs)
 
     #: The spec the registry loaded this model from (None when built directly).
     spec: str | None = None

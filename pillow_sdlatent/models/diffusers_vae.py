@@ -59,6 +59,9 @@ class DiffusersAutoencoder(Autoencoder):
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode_differentiable(latents)
+
+    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self.device, torch.float32) / self.scaling + self.shift
         x = self.vae.decode(z.to(self.dtype)).sample
         return (x.float() + 1) / 2

@@ -151,4 +151,7 @@ class TaesdAutoencoder(Autoencoder):
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode_differentiable(latents)
+
+    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents.to(self.device, self.dtype)).float()
