@@ -117,8 +117,9 @@ CODING_FIELDS = (
 # ---------------------------------------------------------------- small helpers
 
 
-def model_label(model_id: str) -> str:
-    return LABELS.get(model_id, model_id.rsplit("/", 1)[-1])
+def model_label(model_id: str, refine: int = 0) -> str:
+    label = LABELS.get(model_id, model_id.rsplit("/", 1)[-1])
+    return f"{label} +refine {refine}" if refine else label
 
 
 def slug(label: str) -> str:
@@ -278,6 +279,7 @@ class Options:
     jod: bool
     anchor_qualities: list[int]
     threads: int
+    refine: int = 0  # latent refinement steps of the .sdl series (the original method keeps the encoder's latents)
 
 
 _W: dict[str, Any] = {}  # per-process state: options, model, metrics, cache snapshot
@@ -390,7 +392,7 @@ def process_image(path: Path) -> ImageResult:
     h, w = ref.shape[:2]
     img = _Image(path, ref, f"{path.name}:{opts.crop or 'full'}:{path.stat().st_size}")
     mk = f"{model_key(model)}:preview{int(opts.preview)}"
-    label = model_label(model.model_id)
+    label = model_label(model.model_id, opts.refine)
     rows: list[dict[str, Any]] = []
     coding: list[dict[str, Any]] = []
 
@@ -416,7 +418,11 @@ def process_image(path: Path) -> ImageResult:
     add("ceiling", "float", "float", "", None, img.measured(f"float|{img.key}|{mk}", lambda: (0, img.float_rgb, {})))
 
     def sdl(q: int) -> tuple[int, np.ndarray, dict[str, Any]]:
-        data, chunks = sdl_file(img.z, ref, settings_for(q, "auto", model.latent_channels))
+        from pillow_sdlatent.pipeline import latents_for_file
+
+        # as Image.save(..., refine=N) does: refined through the quantizer of this quality
+        z, settings = latents_for_file(model, ref, img.z, settings_for(q, "auto", model.latent_channels), opts.refine)
+        data, chunks = sdl_file(z, ref, settings)
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
@@ -427,7 +433,8 @@ def process_image(path: Path) -> ImageResult:
 
     budgets: dict[int, int] = {}
     for q in opts.qualities:
-        ent = img.measured(f"sdl|{img.key}|{mk}|{q}", lambda q=q: sdl(q))
+        rtag = f"|refine{opts.refine}" if opts.refine else ""
+        ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)
         coding.append({"model": label, "image": path.name, "quality": q, **ent["coding"]})
@@ -437,7 +444,7 @@ def process_image(path: Path) -> ImageResult:
     trimmed: dict[int, dict[str, Any]] = {}  # the same files with PLTE cut to palette_size entries (see PLTE_NOTE)
     if model.latent_channels == 4:
         for p in PALETTES:
-            pal_key = f"origpal|{img.key}|{mk}|{p}"
+            pal_key = f"origpal3|{img.key}|{mk}|{p}"  # 3: latents mapped from [-3, 3], as the taesd README
 
             def orig(p: int = p, pal_key: str = pal_key, decode: bool = True) -> tuple[int, np.ndarray, dict[str, Any]]:
                 data, chunks = sdl_file(img.z, ref, settings_for(None, "original", 4, palette_size=p))
@@ -446,7 +453,7 @@ def process_image(path: Path) -> ImageResult:
                 img.new[pal_key] = {"plte_bytes": len(plte), "entries": int(lf.header.palette_size)}
                 return len(data), decode_rgb(lf, model) if decode else ref, {}
 
-            original[p] = img.measured(f"orig|{img.key}|{mk}|{p}", orig)
+            original[p] = img.measured(f"orig3|{img.key}|{mk}|{p}", orig)
             add("original-curve", f"palette{p}", "original", p, None, original[p])
             if img.get(pal_key) is None:  # cached by a run that did not record the palette chunk yet
                 orig(decode=False)
@@ -513,7 +520,7 @@ def run_model(spec: str, images: list[Path], args: argparse.Namespace, cache: Ca
     from pillow_sdlatent.models import load_model
 
     model = load_model(spec, "cpu")
-    label = model_label(model.model_id)
+    label = model_label(model.model_id, args.refine)
     c = model.latent_channels
     qualities = args.quality or list(QUICK.get(c, QUICK_WIDE) if args.quick else QUALITIES.get(c, QUALITIES_WIDE))
     opts = Options(
@@ -525,6 +532,7 @@ def run_model(spec: str, images: list[Path], args: argparse.Namespace, cache: Ca
         not args.no_jod,
         args.anchor_qualities if args.anchor_qualities is not None else ([0, 16] if args.quick else [0, 8, 16, 24, 32]),
         args.threads,
+        args.refine,
     )
     probe = rm.Metrics(jod_enabled=opts.jod)
     print(
@@ -1018,7 +1026,7 @@ def headline(res: dict[str, Any]) -> list[str]:
 def write_docs(path: Path, out: Path) -> None:
     found = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
     rank = {"TAESD": 0, "TAESDXL": 1, "TAEF2": 2}
-    found.sort(key=lambda r: (rank.get(r["model"], 9), r["model"]))
+    found.sort(key=lambda r: (rank.get(r["model"].split(" +")[0], 9), r["model"]))
     if not found:
         raise SystemExit(f"--docs: no results under {out} (run the benchmark first)")
     img_dir = path.parent / "img"
@@ -1058,6 +1066,9 @@ def write_docs(path: Path, out: Path) -> None:
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taef2 --jobs 2 --docs docs/benchmarks.md",
+        "# the .sdl series with encoder-side latent refinement (save option refine=20), its own section:",
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --refine 20 --jobs 2 "
+        "--docs docs/benchmarks.md",
         "```",
         "",
         "(The runs below used `/work/benchvenv`, made that way: the dependencies first, then `pip install -e . "
@@ -1125,6 +1136,12 @@ def write_docs(path: Path, out: Path) -> None:
         "padding removed; AVIF at qualities 0, 8, 16, 24, 32 (`--anchor-qualities`). Points where a curve's metric "
         "stops rising (the model's ceiling) are dropped. 'n/a (no overlap ...)' means the two curves share no "
         "metric range: AVIF's lowest quality is already above .sdl's ceiling.",
+        "- The original method maps latents from [-3, 3] to 8 bits before the palette, as the taesd README's "
+        "measurement does (until 2026-11-23 ours used each channel's min..max, which scored about 0.2 JOD lower).",
+        "- '+refine N' sections: the .sdl series is written from latents refined N steps through the decoder "
+        "(`refine=N`; per quality the writer keeps the encoder's latents where those decode closer once "
+        "quantized, as `Image.save` does); the original method and the float ceiling keep the encoder's latents, "
+        "so 'ΔJOD vs float' can be positive there.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
         "- Coding efficiency: `context_coder_stats` in benchmarks/rd_metrics.py re-runs the decoder's probability "
         "model (pillow_sdlatent/core/context_coder.py) on the decoded symbols.",
@@ -1168,6 +1185,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         type=int,
         help="AVIF qualities of the BD-rate anchor curve (default 0 8 16 24 32; --quick: 0 16)",
+    )
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="refine the .sdl series' latents this many steps through the decoder (separate report per model)",
     )
     ap.add_argument("--no-preview", action="store_true", help="write .sdl files without the prVw preview chunk")
     ap.add_argument("--no-jod", action="store_true", help="skip ColorVideoVDP even where it imports")

@@ -1,0 +1,191 @@
+"""Latent refinement variants side by side: none, against the float decode, through the quantizer.
+
+For each image and quality: bytes of the .sdl file (as Image.save writes it) and PSNR of its decode, for
+
+- ``none``: the encoder's latents;
+- ``float``: refined against the float decode (``encode_latents(refine=N)``), then quantized;
+- ``noise``: refined against the decode of latents plus uniform noise of one quantizer step (quality 60's),
+  the usual training stand-in for rounding (this script's own loop; not shipped);
+- ``quantizer``: refined through the quantizer (straight-through, best iterate): what ``refine=N`` does;
+- ``rate K``: the same plus ``K * step^2 * mean |latent/step - phase - centre|`` in the loss, a rate proxy
+  (this script's own loop; not shipped).
+
+Prints a markdown table per image and the means. PSNR only (fast); JOD for the shipped variant comes from
+benchmarks/rd.py --refine.
+
+    python benchmarks/refine.py --crop 256 --steps 10 --quality 40 60
+    python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loop(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float, *, grid=None, noise=None,
+         rate_weight: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """The experimental variants' refinement loop (the shipped one is pillow_sdlatent/models/refine.py)."""
+    from pillow_sdlatent.models.refine import dead_zone_quantizer
+
+    quantize = dead_zone_quantizer(grid) if grid is not None else None
+    if grid is not None:
+        step, phase, centre = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in grid)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    best, best_loss = z0.clone(), float("inf")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(steps + 1):
+        opt.zero_grad()
+        if quantize is not None:
+            zin = z + (quantize(z) - z).detach()
+        elif noise is not None:
+            zin = z + (torch.rand(z.shape, generator=gen) - 0.5) * noise
+        else:
+            zin = z
+        loss = (model._decode_differentiable(zin).clamp(0, 1) - x).square().mean()
+        if rate_weight:
+            loss = loss + (rate_weight * step**2 * (z / step - phase - centre).abs()).mean()
+        if quantize is not None and float(loss.detach()) < best_loss:
+            best, best_loss = z.detach().clone(), float(loss.detach())
+        if i == steps:
+            break
+        loss.backward()
+        opt.step()
+    return best if quantize is not None else z.detach()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--model", default=str(SHARED / "models" / "taesd"))
+    ap.add_argument("--images", nargs="+", type=Path, help="image files (default: Kodak 1, 5, 9, 13, 17, 21)")
+    ap.add_argument("--crop", type=int, help="top-left NxN crop of every image")
+    ap.add_argument("--quality", nargs="+", type=int, default=[40, 60])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rate-weights", nargs="*", type=float, default=[0.02, 0.08], help="K of the rate variants")
+    ap.add_argument("--timing", action="store_true", help="only time a decode and refinement steps (TAESD 768x512, "
+                    "SD VAE architecture with random weights at 256x256 and 512x512)")  # fmt: skip
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.timing:
+        return timing(args)
+
+    import pillow_sdlatent  # noqa: F401  (registers the plugin)
+    from pillow_sdlatent.core import context_coder
+    from pillow_sdlatent.core.codec import decode_bytes
+    from pillow_sdlatent.core.container import write_chunks
+    from pillow_sdlatent.core.settings import settings_for
+    from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.pipeline import decode_rgb, encode_latents, latents_for_file, latents_to_chunks, to_tensor
+
+    model = load_model(args.model, "cpu")
+    images = args.images or [SHARED / "data" / "kodak" / f"kodim{i:02d}.png" for i in (1, 5, 9, 13, 17, 21)]
+
+    def file_of(z: np.ndarray, settings, size) -> tuple[int, np.ndarray]:
+        buf = io.BytesIO()
+        write_chunks(buf, latents_to_chunks(z, model, settings, size))
+        data = buf.getvalue()
+        return len(data), decode_rgb(decode_bytes(data), model)
+
+    print(f"model {model.model_id}, {args.steps} steps, {cpu_name()}, "
+          f"{args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
+    print()
+    variants = ["none", "float", "noise", "quantizer", *(f"rate {k:g}" for k in args.rate_weights)]
+    print(f"| image | quality | {' | '.join(f'{v}: bytes / dB' for v in variants)} | s (quantizer) |")
+    print("|---|---|" + "---|" * (len(variants) + 1))
+    sums: dict[tuple[int, str], list[float]] = {}
+    for path in images:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if args.crop:
+                im = im.crop((0, 0, min(args.crop, im.width), min(args.crop, im.height)))
+            rgb = np.asarray(im)
+        x = to_tensor(rgb, model.downscale)
+        z = encode_latents(model, rgb, 0)
+        zf = encode_latents(model, rgb, args.steps)  # against the float decode, quality-independent
+        w4 = torch.tensor(context_coder.CH_WEIGHT_4 if z.shape[0] == 4 else [1.0] * z.shape[0]).view(1, -1, 1, 1)
+        zn = loop(model, x, torch.from_numpy(z)[None], args.steps, 0.05, noise=context_coder.quality_to_step(60) * w4)
+        for q in args.quality:
+            s = settings_for(q, "auto", model.latent_channels)
+            t0 = time.perf_counter()
+            zq, sq = latents_for_file(model, rgb, z, s, args.steps)
+            secs = time.perf_counter() - t0
+            cands = {"none": (z, s), "float": (zf, s), "noise": (zn[0].numpy(), s), "quantizer": (zq, sq)}
+            for k in args.rate_weights:
+                zr = loop(model, x, torch.from_numpy(z)[None], args.steps, 0.03, grid=sq.grid, rate_weight=k)
+                cands[f"rate {k:g}"] = (zr[0].numpy(), sq)
+            cells = []
+            for name in variants:
+                nbytes, out = file_of(*cands[name], im.size)
+                p = psnr(rgb, out)
+                sums.setdefault((q, name), []).extend([nbytes, p])
+                cells.append(f"{nbytes} / {p:.2f}")
+            print(f"| {path.stem} | {q} | {' | '.join(cells)} | {secs:.1f} |", flush=True)
+    print()
+    print("| quality | variant | mean bytes | mean PSNR dB |")
+    print("|---|---|---|---|")
+    for (q, name), v in sorted(sums.items(), key=lambda kv: (kv[0][0], variants.index(kv[0][1]))):
+        print(f"| {q} | {name} | {np.mean(v[0::2]):.0f} | {np.mean(v[1::2]):.2f} |")
+    return 0
+
+
+def timing(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from speed import build  # the SD VAE architecture with random weights: honest for speed, not quality
+
+    from pillow_sdlatent.core import context_coder
+    from pillow_sdlatent.models.refine import dead_zone_quantizer
+
+    device = torch.device(args.device)
+    print(f"{cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, {args.threads} thread(s), "
+          f"torch {torch.__version__}, float32")  # fmt: skip
+    print()
+    print("| model | size | decode s | refine s/step | steps per decode |")
+    print("|---|---|---|---|---|")
+    for name, (h, w) in (("taesd", (512, 768)), ("sd", (256, 256)), ("sd", (512, 512))):
+        model = build(name, device, torch.float32)
+        x = torch.rand(1, 3, h, w, device=device)
+        z = model.encode(x)
+        t0 = time.perf_counter()
+        model.decode(z)
+        dec = time.perf_counter() - t0
+        q = dead_zone_quantizer(context_coder.grid(z[0].cpu().numpy(), 60))
+        model.refine(x, z, 1, quantizer=q, tile_size=0)  # warm-up
+        t0 = time.perf_counter()
+        model.refine(x, z, 3, quantizer=q, tile_size=0)
+        per = (time.perf_counter() - t0) / 3  # 3 steps (the scoring pass of the last one included)
+        label = "TAESD" if name == "taesd" else "SD VAE (random weights)"
+        print(f"| {label} | {w}x{h} | {dec:.2f} | {per:.2f} | {per / dec:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
