@@ -97,6 +97,23 @@ def test_quick_run_on_crops(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) ->
         assert (docs.parent / "img" / "rd_taesd.png").stat().st_size < 150_000
 
 
+def test_refine_series_never_below_plain(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) -> None:
+    out = tmp_path / "out"
+    base = [sys.executable, str(BENCH / "rd.py"), "--crop", "128", "--limit", "2", "--images", str(kodak_dir)]
+    base += ["--model", str(taesd_dir), "--out", str(out), "--quality", "50", "75", "--codecs", "AVIF", "--no-jod"]
+    for extra in ([], ["--refine", "3"]):
+        run = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    psnr = {}
+    for folder in ("taesd", "taesd-refine-3"):
+        with (out / folder / "per_image.csv").open() as f:
+            psnr[folder] = {(r["image"], r["param"]): float(r["psnr"]) for r in csv.DictReader(f) if r["kind"] == "sdl"}
+    assert psnr["taesd"].keys() == psnr["taesd-refine-3"].keys() and len(psnr["taesd"]) == 4
+    for key, plain in psnr["taesd"].items():
+        assert psnr["taesd-refine-3"][key] >= plain - 0.01  # best iterate: never worse than the encoder's latents
+    assert "TAESD +refine 3" in (out / "taesd-refine-3" / "summary.md").read_text()
+
+
 def test_bd_rate_of_scaled_curves() -> None:
     anchor = ([0.1, 0.2, 0.4, 0.8], [20.0, 24.0, 27.0, 29.0])
     half = ([r / 2 for r in anchor[0]], anchor[1])
