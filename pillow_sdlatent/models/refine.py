@@ -113,10 +113,13 @@ def dead_zone_quantizer(grid: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
     step, phase, centre = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in grid)
 
     def quantize(z: torch.Tensor) -> torch.Tensor:
-        t = z.double() / step.to(z.device) - phase.to(z.device)
-        u = t - centre.to(z.device)
-        q = centre.to(z.device) + torch.sign(u) * torch.floor(u.abs() + RHO)
-        return ((q + phase.to(z.device)) * step.to(z.device)).to(z.dtype)
+        # float64 as the writer computes (MPS has none: float32 there, which can move a value sitting
+        # on a rounding boundary; the file is still quantized by the writer, only the aim differs)
+        dt = torch.float32 if z.device.type == "mps" else torch.float64
+        d, ph, m = (v.to(z.device, dt) for v in (step, phase, centre))
+        u = z.to(dt) / d - ph - m
+        q = m + torch.sign(u) * torch.floor(u.abs() + RHO)
+        return ((q + ph) * d).to(z.dtype)
 
     return quantize
 
