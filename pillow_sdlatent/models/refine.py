@@ -46,7 +46,8 @@ LEARNING_RATE_QUANTIZED = 0.03
 #: Latents of context kept around each refined tile (the decoder sees about +-15; the halo's own
 #: values are optimised too but thrown away).
 HALO = 8
-#: Backward passes keep every activation: a refined tile gets this share of the decode tile's pixels.
+#: Backward passes keep every activation: a refined tile gets this share of the decode tile's pixels
+#: (measured: TAESD refining 768x512 untiled peaks 1.3 GB above the idle process, 3.3x its forward estimate).
 MEMORY_SHARE = 0.25
 
 
