@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="STEPS",
         help="latent refinement steps through the decoder "
-        "(default: SDLATENT_REFINE, else 0; each step costs about three decodes; see docs/refine.md)",
+        "(default: SDLATENT_REFINE, else 0; each step costs two to three decodes; see docs/refine.md)",
     )
     conv.add_argument("-b", "--batch-size", type=int, default=8, metavar="N", help="images per forward pass (8)")
     conv.add_argument("--no-preview", action="store_true", help="leave out the model-free preview chunk (prVw)")

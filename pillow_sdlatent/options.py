@@ -37,5 +37,5 @@ TILE_SIZE: int | None = None
 
 #: Encoder-side latent refinement: gradient steps through the decoder before quantizing (0: off;
 #: None: ``SDLATENT_REFINE``, else 0). Files stay valid for every reader; encoding costs about
-#: three decodes a step, so it is for GPUs or patient CPUs. See :mod:`pillow_sdlatent.models.refine`.
+#: two to three decodes a step, so it is for GPUs or patient CPUs. See :mod:`pillow_sdlatent.models.refine`.
 REFINE: int | None = None

@@ -18,7 +18,7 @@ quantizer gained 1.4 dB at quality 50 on kodim01 for 3% more bytes.
 
 Only the encoder changes: files stay valid for every reader, and decoding
 costs nothing more. Encoding costs ``steps`` forward and backward passes of
-the decoder (about 3x a decode each), so it is opt-in (``refine=`` save option,
+the decoder (2-3 decodes each, docs/refine.md), so it is opt-in (``refine=`` save option,
 ``options.REFINE``, ``SDLATENT_REFINE``) and meant for GPUs or patient CPUs.
 Large images are refined in tiles with a halo of latents around each (only
 the tile's own latents are kept), so memory stays bounded by the tile.
