@@ -136,9 +136,9 @@ def _refine_tile(
 ) -> torch.Tensor:
     z = start.detach().to(model.device, torch.float32).clone().requires_grad_(True)
     best, best_loss = z.detach().clone(), math.inf
-    opt = torch.optim.Adam([z], lr=LEARNING_RATE if quantizer is None else LEARNING_RATE_QUANTIZED)
     if mask_h == 0 or mask_w == 0:  # only padding in this tile: nothing to fit
         return best
+    opt = torch.optim.Adam([z], lr=LEARNING_RATE if quantizer is None else LEARNING_RATE_QUANTIZED)
     goal = target[:, :, :mask_h, :mask_w]
     with torch.enable_grad():
         for i in range(steps + (quantizer is not None)):  # quantized: one more forward pass to score the last step
@@ -163,7 +163,6 @@ def _refine_tile(
                 break
             loss.backward()
             opt.step()
-        else:
-            if quantizer is None:
-                best = z.detach().clone()
+        else:  # only the float loop ends without a break: its last step is kept unscored
+            best = z.detach().clone()
     return best
