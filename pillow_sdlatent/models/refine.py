@@ -6,10 +6,12 @@ the closest image, and it knows nothing of the quantizer that follows. The
 writer knows the quantizer's grid before it writes (quality -> steps), so
 refinement starts from the encoder's latents and takes Adam steps on the
 pixel MSE of ``decoder(quantize(latents))``, with the straight-through
-gradient through the rounding, and keeps the best iterate it has *seen*:
-the forward pass is the file's own decode, so the result is never worse (in
-pixel MSE) than the encoder's latents on the same grid. Without a quantizer
-(latents stored at high precision) the loss is on the float latents.
+gradient through the rounding, plus a rate term (each latent's distance from
+the dead zone's centre, in steps, which the coder's bits follow), and keeps
+the best iterate it has *seen*: the forward pass is the file's own decode, so
+the result is never worse (in MSE + weight x rate proxy) than the encoder's
+latents on the same grid. Without a quantizer (latents stored at high
+precision) the loss is the pixel MSE of the float latents.
 
 Measured (benchmarks/rd.py --refine, docs/refine.md): refining against the
 float decode helps little once the latents are quantized coarsely and can
@@ -49,6 +51,11 @@ HALO = 8
 #: Backward passes keep every activation: a refined tile gets this share of the decode tile's pixels
 #: (measured: TAESD refining 768x512 untiled peaks 1.3 GB above the idle process, 3.3x its forward estimate).
 MEMORY_SHARE = 0.25
+#: Lagrange weight of the quantizer's rate proxy (DeadZoneQuantizer.rate) against the pixel MSE. Measured
+#: (benchmarks/refine.py --jod, TAESD, 6 Kodak 256x256 crops, 10 steps; bpp / JOD at quality 60): 0: 0.153 / 7.55,
+#: 0.01: 0.148 / 7.53, 0.02: 0.143 / 7.47, 0.035: 0.138 / 7.35, 0.05: 0.133 / 7.22. The curve's slope there is
+#: about 21 JOD per bpp, so 0.02 gains about 0.14 JOD at equal rate; at quality 75 0.035 already loses.
+RATE_WEIGHT = 0.02
 
 
 def refine_latents(
@@ -61,12 +68,15 @@ def refine_latents(
     width: int | None = None,
     tile_size: int | None = None,
     quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rate_weight: float | None = None,
 ) -> torch.Tensor:
     """Latents (N, C, h, w) refined for ``steps`` steps towards ``images`` (N, 3, H, W) in [0, 1].
 
     ``quantizer``: the elementwise map from latents to what a reader dequantizes (e.g.
     :func:`dead_zone_quantizer`); the loss is then on the quantized decode, with straight-through
-    gradients, and the best iterate seen is kept (the starting latents included).
+    gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a
+    ``rate`` proxy (:class:`DeadZoneQuantizer`) adds ``rate_weight`` (default :data:`RATE_WEIGHT`) times
+    it to the loss, so "best" is the lowest distortion + rate cost, not the lowest distortion alone.
 
     ``height``/``width``: the image's size before padding to the model's multiple (the loss
     ignores the padding). Returns float32 latents on the latents' device; ``steps=0`` returns them
@@ -92,7 +102,7 @@ def refine_latents(
             target = images[:, :, a * f : b * f, c * f : d * f].to(model.device, torch.float32)
             # the loss counts only real pixels (not the edge padding up to the model's multiple)
             mask_h, mask_w = max(0, min(b * f, height) - a * f), max(0, min(d * f, width) - c * f)
-            z = _refine_tile(model, target, latents[:, :, a:b, c:d], steps, mask_h, mask_w, quantizer)
+            z = _refine_tile(model, target, latents[:, :, a:b, c:d], steps, mask_h, mask_w, quantizer, rate_weight)
             out[:, :, y0:y1, x0:x1] = z[:, :, y0 - a : y1 - a, x0 - c : x1 - c].to(out.device)
     return out
 
@@ -106,23 +116,39 @@ def _tile_latents(model: Autoencoder, tile_size: int | None) -> int:
     return max(8, side)
 
 
-def dead_zone_quantizer(grid: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+class DeadZoneQuantizer:
     """The context quantizer's rounding (core/context_coder.py) on a fixed per-channel grid
-    (steps, phases, centres), as a torch map from latents to dequantized latents."""
-    from ..core.context_coder import RHO
+    (steps, phases, centres), as a torch map from latents to dequantized latents, with a rate proxy."""
 
-    step, phase, centre = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in grid)
+    def __init__(self, grid: tuple) -> None:
+        self.grid = grid
+        self._step, self._phase, self._centre = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in grid)
 
-    def quantize(z: torch.Tensor) -> torch.Tensor:
+    def _params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
         # float64 as the writer computes (MPS has none: float32 there, which can move a value sitting
         # on a rounding boundary; the file is still quantized by the writer, only the aim differs)
         dt = torch.float32 if z.device.type == "mps" else torch.float64
-        d, ph, m = (v.to(z.device, dt) for v in (step, phase, centre))
+        return *(v.to(z.device, dt) for v in (self._step, self._phase, self._centre)), dt
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        from ..core.context_coder import RHO
+
+        d, ph, m, dt = self._params(z)
         u = z.to(dt) / d - ph - m
         q = m + torch.sign(u) * torch.floor(u.abs() + RHO)
         return ((q + ph) * d).to(z.dtype)
 
-    return quantize
+    def rate(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean of ``step^2 * |z / step - phase - centre|``: the distance from the dead zone's centre in
+        steps (the coder's bits grow about linearly with it), in squared latent units like the MSE."""
+        d, ph, m, _ = self._params(z)
+        d, ph, m = (v.to(z.dtype) for v in (d, ph, m))
+        return (d * d * (z / d - ph - m).abs()).mean()
+
+
+def dead_zone_quantizer(grid: tuple) -> DeadZoneQuantizer:
+    """:class:`DeadZoneQuantizer` of ``grid`` (what :func:`refine_latents` takes as ``quantizer``)."""
+    return DeadZoneQuantizer(grid)
 
 
 def _refine_tile(
@@ -133,7 +159,10 @@ def _refine_tile(
     mask_h: int,
     mask_w: int,
     quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rate_weight: float | None = None,
 ) -> torch.Tensor:
+    rate = getattr(quantizer, "rate", None)
+    weight = RATE_WEIGHT if rate_weight is None else rate_weight
     z = start.detach().to(model.device, torch.float32).clone().requires_grad_(True)
     best, best_loss = z.detach().clone(), math.inf
     if mask_h == 0 or mask_w == 0:  # only padding in this tile: nothing to fit
@@ -147,6 +176,8 @@ def _refine_tile(
             # clamped as decode() clamps: pixels the decoder overshoots into black or white are already right
             out = model._decode_differentiable(zin)[:, :, :mask_h, :mask_w].clamp(0, 1)
             loss = (out - goal).square().mean()
+            if rate is not None and weight:
+                loss = loss + weight * rate(z)
             if not bool(torch.isfinite(loss)):
                 warnings.warn(
                     f"{model.model_id!r} gave NaN/inf while refining latents in {model.dtype}; kept the last "
