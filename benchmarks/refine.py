@@ -6,14 +6,16 @@ For each image and quality: bytes of the .sdl file (as Image.save writes it) and
 - ``float``: refined against the float decode (``encode_latents(refine=N)``), then quantized;
 - ``noise``: refined against the decode of latents plus uniform noise of one quantizer step (quality 60's),
   the usual training stand-in for rounding (this script's own loop; not shipped);
-- ``quantizer``: refined through the quantizer (straight-through, best iterate): what ``refine=N`` does;
-- ``rate K``: the same plus ``K * step^2 * mean |latent/step - phase - centre|`` in the loss, a rate proxy
-  (this script's own loop; not shipped).
+- ``quantizer``: refined through the quantizer (straight-through, best iterate) on the pixel MSE plus
+  ``RATE_WEIGHT`` (0.02) times the rate proxy ``step^2 * mean |latent/step - phase - centre|``: what
+  ``refine=N`` does;
+- ``rate K``: the same with the rate weight set to K (``rate 0``: the MSE alone, as before the rate term).
 
-Prints a markdown table per image and the means. PSNR only (fast); JOD for the shipped variant comes from
-benchmarks/rd.py --refine.
+Prints a markdown table per image and the means (bpp of the file, PSNR and, with ``--jod`` where pycvvdp
+imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
 
     python benchmarks/refine.py --crop 256 --steps 10 --quality 40 60
+    ../benchvenv/bin/python benchmarks/refine.py --crop 256 --quality 45 60 75 --rate-weights 0 0.01 0.035 0.05 --jod
     python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
 """
 
@@ -25,6 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -49,36 +52,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def loop(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float, *, grid=None, noise=None,
-         rate_weight: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """The experimental variants' refinement loop (the shipped one is pillow_sdlatent/models/refine.py)."""
-    from pillow_sdlatent.models.refine import dead_zone_quantizer
-
-    quantize = dead_zone_quantizer(grid) if grid is not None else None
-    if grid is not None:
-        step, phase, centre = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in grid)
+def noise_loop(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float, noise: torch.Tensor) -> torch.Tensor:
+    """Refinement against the decode of latents plus uniform noise (this script's own loop; not shipped)."""
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
-    best, best_loss = z0.clone(), float("inf")
     gen = torch.Generator().manual_seed(0)
-    for i in range(steps + 1):
+    for _ in range(steps):
         opt.zero_grad()
-        if quantize is not None:
-            zin = z + (quantize(z) - z).detach()
-        elif noise is not None:
-            zin = z + (torch.rand(z.shape, generator=gen) - 0.5) * noise
-        else:
-            zin = z
+        zin = z + (torch.rand(z.shape, generator=gen) - 0.5) * noise
         loss = (model._decode_differentiable(zin).clamp(0, 1) - x).square().mean()
-        if rate_weight:
-            loss = loss + (rate_weight * step**2 * (z / step - phase - centre).abs()).mean()
-        if quantize is not None and float(loss.detach()) < best_loss:
-            best, best_loss = z.detach().clone(), float(loss.detach())
-        if i == steps:
-            break
         loss.backward()
         opt.step()
-    return best if quantize is not None else z.detach()
+    return z.detach()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", nargs="+", type=int, default=[40, 60])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rate-weights", nargs="*", type=float, default=[0.02, 0.08], help="K of the rate variants")
+    ap.add_argument("--rate-weights", nargs="*", type=float, default=[0.0], help="K of the rate variants")
+    ap.add_argument("--jod", action="store_true", help="also ColorVideoVDP JOD (needs pycvvdp: docs/benchmarks.md)")
+    ap.add_argument("--variants", nargs="+", default=["none", "float", "noise", "quantizer"],
+                    help="which of none, float, noise, quantizer to run (the rate variants always run)")  # fmt: skip
     ap.add_argument("--timing", action="store_true", help="only time a decode and refinement steps (TAESD 768x512, "
                     "SD VAE architecture with random weights at 256x256 and 512x512)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
@@ -104,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from pillow_sdlatent.core.container import write_chunks
     from pillow_sdlatent.core.settings import settings_for
     from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.models import refine as refine_module
     from pillow_sdlatent.pipeline import decode_rgb, encode_latents, latents_for_file, latents_to_chunks, to_tensor
 
     model = load_model(args.model, "cpu")
@@ -115,13 +104,23 @@ def main(argv: list[str] | None = None) -> int:
         data = buf.getvalue()
         return len(data), decode_rgb(decode_bytes(data), model)
 
+    metrics = None
+    if args.jod:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import rd_metrics
+
+        metrics = rd_metrics.Metrics()
+        if not metrics.has_jod:
+            print(f"no JOD: {metrics.jod_reason}", file=sys.stderr)
+            return 2
     print(f"model {model.model_id}, {args.steps} steps, {cpu_name()}, "
           f"{args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
     print()
-    variants = ["none", "float", "noise", "quantizer", *(f"rate {k:g}" for k in args.rate_weights)]
-    print(f"| image | quality | {' | '.join(f'{v}: bytes / dB' for v in variants)} | s (quantizer) |")
+    variants = [*args.variants, *(f"rate {k:g}" for k in args.rate_weights)]
+    unit = "bpp / dB / JOD" if metrics else "bpp / dB"
+    print(f"| image | quality | {' | '.join(f'{v}: {unit}' for v in variants)} | s (quantizer) |")
     print("|---|---|" + "---|" * (len(variants) + 1))
-    sums: dict[tuple[int, str], list[float]] = {}
+    sums: dict[tuple[int, str], list[list[float]]] = {}
     for path in images:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -130,30 +129,37 @@ def main(argv: list[str] | None = None) -> int:
             rgb = np.asarray(im)
         x = to_tensor(rgb, model.downscale)
         z = encode_latents(model, rgb, 0)
-        zf = encode_latents(model, rgb, args.steps)  # against the float decode, quality-independent
-        w4 = torch.tensor(context_coder.CH_WEIGHT_4 if z.shape[0] == 4 else [1.0] * z.shape[0]).view(1, -1, 1, 1)
-        zn = loop(model, x, torch.from_numpy(z)[None], args.steps, 0.05, noise=context_coder.quality_to_step(60) * w4)
+        zf = encode_latents(model, rgb, args.steps) if "float" in variants else z  # quality-independent
+        if "noise" in variants:
+            w4 = torch.tensor(context_coder.CH_WEIGHT_4 if z.shape[0] == 4 else [1.0] * z.shape[0]).view(1, -1, 1, 1)
+            noise = context_coder.quality_to_step(60) * w4
+            zn = noise_loop(model, x, torch.from_numpy(z)[None], args.steps, 0.05, noise)[0].numpy()
         for q in args.quality:
             s = settings_for(q, "auto", model.latent_channels)
             t0 = time.perf_counter()
-            zq, sq = latents_for_file(model, rgb, z, s, args.steps)
+            zq, sq = latents_for_file(model, rgb, z, s, args.steps) if "quantizer" in variants else (z, s)
             secs = time.perf_counter() - t0
-            cands = {"none": (z, s), "float": (zf, s), "noise": (zn[0].numpy(), s), "quantizer": (zq, sq)}
-            for k in args.rate_weights:
-                zr = loop(model, x, torch.from_numpy(z)[None], args.steps, 0.03, grid=sq.grid, rate_weight=k)
-                cands[f"rate {k:g}"] = (zr[0].numpy(), sq)
+            cands = {"none": (z, s), "float": (zf, s), "quantizer": (zq, sq)}
+            if "noise" in variants:
+                cands["noise"] = (zn, s)
+            for k in args.rate_weights:  # what refine=N writes, with the rate weight set to k
+                with patch.object(refine_module, "RATE_WEIGHT", k):
+                    cands[f"rate {k:g}"] = latents_for_file(model, rgb, z, s, args.steps)
             cells = []
             for name in variants:
                 nbytes, out = file_of(*cands[name], im.size)
-                p = psnr(rgb, out)
-                sums.setdefault((q, name), []).extend([nbytes, p])
-                cells.append(f"{nbytes} / {p:.2f}")
+                row = [nbytes * 8 / (rgb.shape[0] * rgb.shape[1]), psnr(rgb, out)]
+                if metrics:
+                    row.append(metrics.jod(rgb, out))
+                sums.setdefault((q, name), []).append(row)
+                cells.append(f"{row[0]:.4f} / {row[1]:.2f}" + (f" / {row[2]:.2f}" if metrics else ""))
             print(f"| {path.stem} | {q} | {' | '.join(cells)} | {secs:.1f} |", flush=True)
     print()
-    print("| quality | variant | mean bytes | mean PSNR dB |")
-    print("|---|---|---|---|")
-    for (q, name), v in sorted(sums.items(), key=lambda kv: (kv[0][0], variants.index(kv[0][1]))):
-        print(f"| {q} | {name} | {np.mean(v[0::2]):.0f} | {np.mean(v[1::2]):.2f} |")
+    print(f"| quality | variant | mean bpp | mean PSNR dB |{' mean JOD |' if metrics else ''}")
+    print("|---|---|---|---|" + ("---|" if metrics else ""))
+    for (q, name), rows in sorted(sums.items(), key=lambda kv: (kv[0][0], variants.index(kv[0][1]))):
+        m = np.mean(rows, axis=0)
+        print(f"| {q} | {name} | {m[0]:.4f} | {m[1]:.2f} |" + (f" {m[2]:.3f} |" if metrics else ""))
     return 0
 
 
