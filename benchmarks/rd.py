@@ -1010,6 +1010,24 @@ def headline(res: dict[str, Any]) -> list[str]:
         )
         + "."
     )
+    sdl_jod = curves(res).get(".sdl", ([], {}))
+    orig = g.get(("original-curve", "palette256", "original"))
+    if orig and orig["jod"] is not None and fl["jod"] is not None and sdl_jod[1].get("jod"):
+        # the target: JOD at the original method's rate, against the model's float ceiling
+        base = REFERENCE.get(lab.split(" +refine")[0]) if len(res["images"]) == 24 and not res["crop"] else None
+        at = [
+            (f"the original method's file ({orig['bpp']:.3f} bpp, palette 256)", orig["bpp"]),
+            *([("the README's 0.144 bpp", base["palette256"][0])] if base else []),
+        ]
+        cells = []
+        for what, rate in at:
+            j = rm.metric_at_rate((sdl_jod[0], sdl_jod[1]["jod"]), rate)
+            cells.append(f"at {what}: " + (f"JOD {j:.2f}, {fl['jod'] - j:.2f} below" if j is not None else "n/a"))
+        out.append(
+            f"- {lab} .sdl against its float ceiling (JOD {fl['jod']:.2f}; pchip in log-rate over the .sdl curve): "
+            + "; ".join(cells)
+            + "."
+        )
     for p in (256, 64) if ref else ():
         a = g[("original-curve", f"palette{p}", "original")]
         t = g.get(("original-curve", f"palette{p}", "original-trimmed"), a)

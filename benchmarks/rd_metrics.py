@@ -175,6 +175,15 @@ def bd_rate(anchor: tuple[list[float], list[float]], test: tuple[list[float], li
     return BDResult(100.0 * (math.exp(avg) - 1.0), float(lo), float(hi))
 
 
+def metric_at_rate(curve: tuple[list[float], list[float]], rate: float) -> float | None:
+    """The metric of a curve (rates, metric values) at ``rate``: pchip in log-rate over its rising points,
+    as :func:`bd_rate` fits it; None outside the curve's rate range."""
+    r, m = monotone_curve(*curve)
+    if len(r) < 2 or not r[0] <= rate <= r[-1]:
+        return None
+    return float(pchip(np.log(r), m, [math.log(rate)])[0])
+
+
 # ---------------------------------------------------------------- coding efficiency
 
 

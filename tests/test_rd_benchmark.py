@@ -129,6 +129,13 @@ def test_bd_rate_drops_saturated_points() -> None:
     assert list(rates) == [0.1, 0.2, 0.3] and list(metric) == [5.0, 6.5, 7.1]
 
 
+def test_metric_at_rate_interpolates_in_log_rate() -> None:
+    curve = ([0.1, 0.2, 0.4], [5.0, 6.0, 7.0])  # linear in log2(rate): pchip reproduces it exactly
+    assert rm.metric_at_rate(curve, 0.2) == pytest.approx(6.0)
+    assert rm.metric_at_rate(curve, 0.1 * 2**0.5) == pytest.approx(5.5)
+    assert rm.metric_at_rate(curve, 0.05) is None and rm.metric_at_rate(curve, 0.5) is None
+
+
 def test_pchip_matches_scipy_where_available() -> None:
     x, y = [0.0, 1.0, 2.5, 3.0, 5.0], [0.0, 0.8, 1.0, 2.0, 2.1]
     xq = [0.0, 0.3, 1.7, 2.9, 4.2, 5.0]
