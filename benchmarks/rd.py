@@ -1086,13 +1086,16 @@ def write_docs(path: Path, out: Path) -> None:
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taef2 --jobs 2 --docs docs/benchmarks.md",
-        "# the .sdl series with encoder-side latent refinement (save option refine=20), its own section:",
-        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --refine 20 --jobs 2 "
-        "--docs docs/benchmarks.md",
+        "# the .sdl series with encoder-side latent refinement (save option refine=10), its own section:",
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --refine 10 --quality 40 50 60 75 "
+        "--jobs 2 --docs docs/benchmarks.md",
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --refine 10 --quality 40 50 60 75 "
+        "--jobs 2 --docs docs/benchmarks.md",
         "```",
         "",
-        "(The runs below used `/work/benchvenv`, made that way: the dependencies first, then `pip install -e . "
-        "--no-deps` of this checkout; versions under Machine and versions.) Each run adds its model's folder under "
+        "(The runs below used `/work/benchvenv`, made as above or with the dependencies first and then "
+        "`pip install -e . --no-deps` of this checkout. The sections come from runs on different days, commits "
+        "and 2-core VMs: each names its own under Machine and versions.) Each run adds its model's folder under "
         "`bench-out/` (per_image.csv, coding.csv, summary.md, results.json, the plot) and rewrites this file from "
         "all of them (`--docs-only` rewrites it without running anything); `bench-out/cache.jsonl` keeps every "
         "encode size and metric, so an interrupted run resumes and a second model reuses the codec measurements of "
