@@ -1,6 +1,6 @@
 """Latent refinement variants side by side: none, against the float decode, through the quantizer.
 
-For each image and quality: bytes of the .sdl file (as Image.save writes it) and PSNR of its decode, for
+For each image and quality: bits per pixel of the .sdl file (as Image.save writes it) and PSNR of its decode, for
 
 - ``none``: the encoder's latents;
 - ``float``: refined against the float decode (``encode_latents(refine=N)``), then quantized;
