@@ -991,7 +991,9 @@ def headline(res: dict[str, Any]) -> list[str]:
                 )
         out.append(f"- {lab}, " + "; ".join(parts) + ".")
     jod = f", JOD {fl['jod']:.2f}" if fl["jod"] is not None else ""
-    ref = REFERENCE.get(lab) if len(res["images"]) == 24 and not res["crop"] else None
+    full_kodak = len(res["images"]) == 24 and not res["crop"]
+    ref = REFERENCE.get(lab) if full_kodak else None
+    base = REFERENCE.get(model_label(res["model_id"])) if full_kodak else None  # the same model, +refine or not
     out.append(
         f"- {lab} float round trip (no quantization): {fl['psnr']:.2f} dB{jod}"
         + (f" (../shared/models/taesd/README.md: {ref['float'][0]:.2f} dB, JOD {ref['float'][1]:.2f})." if ref else ".")
@@ -1014,7 +1016,6 @@ def headline(res: dict[str, Any]) -> list[str]:
     orig = g.get(("original-curve", "palette256", "original"))
     if orig and orig["jod"] is not None and fl["jod"] is not None and sdl_jod[1].get("jod"):
         # the target: JOD at the original method's rate, against the model's float ceiling
-        base = REFERENCE.get(lab.split(" +refine")[0]) if len(res["images"]) == 24 and not res["crop"] else None
         at = [
             (f"the original method's file ({orig['bpp']:.3f} bpp, palette 256)", orig["bpp"]),
             *([("the README's 0.144 bpp", base["palette256"][0])] if base else []),
@@ -1046,7 +1047,7 @@ def headline(res: dict[str, Any]) -> list[str]:
 def write_docs(path: Path, out: Path) -> None:
     found = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
     rank = {"TAESD": 0, "TAESDXL": 1, "TAEF2": 2}
-    found.sort(key=lambda r: (rank.get(r["model"].split(" +")[0], 9), r["model"]))
+    found.sort(key=lambda r: (rank.get(model_label(r["model_id"]), 9), r["model"]))
     if not found:
         raise SystemExit(f"--docs: no results under {out} (run the benchmark first)")
     img_dir = path.parent / "img"
