@@ -383,7 +383,7 @@ def process_image(path: Path) -> ImageResult:
     """Every measurement of one image under the worker's model."""
     from pillow_sdlatent.core.codec import decode_bytes
     from pillow_sdlatent.core.settings import settings_for
-    from pillow_sdlatent.models.refine import RATE_WEIGHT
+    from pillow_sdlatent.models.refine import POOLED_LEVELS, RATE_WEIGHT
     from pillow_sdlatent.pipeline import decode_rgb
 
     t0 = time.perf_counter()
@@ -435,7 +435,7 @@ def process_image(path: Path) -> ImageResult:
     budgets: dict[int, int] = {}
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
-        rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}" if opts.refine else ""
+        rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)
@@ -1163,8 +1163,9 @@ def write_docs(path: Path, out: Path) -> None:
         "- The original method maps latents from [-3, 3] to 8 bits before the palette, as the taesd README's "
         "measurement does (until 2026-11-23 ours used each channel's min..max, which scored about 0.2 JOD lower).",
         "- '+refine N' sections: the .sdl series is written from latents refined N steps through the decoder "
-        "(`refine=N`, as `Image.save` writes them: Adam steps through the quantizer of each quality on pixel MSE "
-        "plus `RATE_WEIGHT` times a rate proxy, the best iterate kept); the original method and the float ceiling "
+        "(`refine=N`, as `Image.save` writes them: Adam steps through the quantizer of each quality on the pixel "
+        "MSE at full and `POOLED_LEVELS` coarser scales plus `RATE_WEIGHT` times a rate proxy, the best iterate "
+        "kept); the original method and the float ceiling "
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
