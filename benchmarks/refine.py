@@ -9,13 +9,17 @@ For each image and quality: bits per pixel of the .sdl file (as Image.save write
 - ``quantizer``: refined through the quantizer (straight-through, best iterate) on the pixel MSE plus
   ``RATE_WEIGHT`` (0.02) times the rate proxy ``step^2 * mean |latent/step - phase - centre|``: what
   ``refine=N`` does;
-- ``rate K``: the same with the rate weight set to K (``rate 0``: the MSE alone, as before the rate term).
+- ``rate K``: the same with the rate weight set to K (``rate 0``: no rate term, as before it);
+- ``pooled L, rate K`` (with ``--pooled-levels``): also with ``POOLED_LEVELS`` set to L, the coarser scales in
+  the distortion (``pooled 0``: the pixel MSE alone, as before them).
 
 Prints a markdown table per image and the means (bpp of the file, PSNR and, with ``--jod`` where pycvvdp
 imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
 
     python benchmarks/refine.py --crop 256 --steps 10 --quality 40 60
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --quality 45 60 75 --rate-weights 0 0.01 0.035 0.05 --jod
+    ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none --pooled-levels 0 4 \
+        --rate-weights 0.02 0.04 --jod
     python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
 """
 
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rate-weights", nargs="*", type=float, default=[0.0], help="K of the rate variants")
+    ap.add_argument("--pooled-levels", nargs="*", type=int, default=[],
+                    help="each rate variant once per POOLED_LEVELS value L (default: the shipped one)")  # fmt: skip
     ap.add_argument("--jod", action="store_true", help="also ColorVideoVDP JOD (needs pycvvdp: docs/benchmarks.md)")
     ap.add_argument("--variants", nargs="+", default=["none", "float", "noise", "quantizer"],
                     help="which of none, float, noise, quantizer to run (the rate variants always run)")  # fmt: skip
@@ -116,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.model_id}, {args.steps} steps, {cpu_name()}, "
           f"{args.threads} thread(s), torch {torch.__version__}")  # fmt: skip
     print()
-    variants = [*args.variants, *(f"rate {k:g}" for k in args.rate_weights)]
+    # (label, POOLED_LEVELS or None for the shipped one, RATE_WEIGHT) of each rate variant
+    rated = [
+        (f"rate {k:g}" if lev is None else f"pooled {lev}, rate {k:g}", lev, k)
+        for lev in (args.pooled_levels or [None])
+        for k in args.rate_weights
+    ]
+    variants = [*args.variants, *(label for label, _, _ in rated)]
     unit = "bpp / dB / JOD" if metrics else "bpp / dB"
     print(f"| image | quality | {' | '.join(f'{v}: {unit}' for v in variants)} | s (quantizer) |")
     print("|---|---|" + "---|" * (len(variants) + 1))
@@ -142,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             cands = {"none": (z, s), "float": (zf, s), "quantizer": (zq, sq)}
             if "noise" in variants:
                 cands["noise"] = (zn, s)
-            for k in args.rate_weights:  # what refine=N writes, with the rate weight set to k
-                with patch.object(refine_module, "RATE_WEIGHT", k):
-                    cands[f"rate {k:g}"] = latents_for_file(model, rgb, z, s, args.steps)
+            for label, lev, k in rated:  # what refine=N writes, with the rate weight (and pooled levels) set
+                levels = refine_module.POOLED_LEVELS if lev is None else lev
+                with patch.multiple(refine_module, RATE_WEIGHT=k, POOLED_LEVELS=levels):
+                    cands[label] = latents_for_file(model, rgb, z, s, args.steps)
             cells = []
             for name in variants:
                 nbytes, out = file_of(*cands[name], im.size)

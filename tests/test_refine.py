@@ -228,7 +228,7 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path) -> None:
 
     from pillow_sdlatent.core import context_coder
     from pillow_sdlatent.core.settings import settings_for
-    from pillow_sdlatent.models.refine import RATE_WEIGHT, dead_zone_quantizer
+    from pillow_sdlatent.models.refine import RATE_WEIGHT, dead_zone_quantizer, distortion
     from pillow_sdlatent.pipeline import latents_to_chunks
 
     model = load_model(str(taesd_dir), "cpu")
@@ -243,7 +243,7 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path) -> None:
     def cost(latents: torch.Tensor, weight: float) -> float:
         with torch.no_grad():
             out = model._decode_differentiable(quantizer(latents)).clamp(0, 1)
-            return float((out - x).square().mean() + weight * quantizer.rate(latents))
+            return float(distortion(out, x) + weight * quantizer.rate(latents))
 
     def nbytes(latents: torch.Tensor) -> int:  # the coded latents (LDAT), without the header's fixed bytes
         chunks = latents_to_chunks(latents[0].numpy(), model, settings, crop.size)
@@ -255,3 +255,27 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path) -> None:
     assert cost(with_rate, RATE_WEIGHT) < cost(mse_only, RATE_WEIGHT)
     assert float(quantizer.rate(with_rate)) < float(quantizer.rate(mse_only))
     assert nbytes(with_rate) < nbytes(mse_only)  # measured 259 vs 275 bytes (the rate proxy follows the coder)
+
+
+def test_distortion_weighs_area_errors_above_pixel_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An error the eye sees from a normal distance (a colour cast over an area) must cost more than
+    # pixel noise of the same MSE; with no pooled levels the distortion is the plain MSE.
+    from pillow_sdlatent.models import refine
+
+    goal = torch.full((1, 3, 64, 64), 0.5)
+    cast = goal + 0.05
+    noise = goal + 0.05 * torch.where(torch.rand(goal.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1, 1)
+    assert torch.isclose((cast - goal).square().mean(), (noise - goal).square().mean())
+    assert float(refine.distortion(cast, goal)) == pytest.approx((1 + refine.POOLED_LEVELS) * 0.05**2)
+    assert float(refine.distortion(noise, goal)) < 1.5 * 0.05**2  # pooling averages the noise away
+    monkeypatch.setattr(refine, "POOLED_LEVELS", 0)
+    for test in (cast, noise):
+        assert float(refine.distortion(test, goal)) == pytest.approx(float((test - goal).square().mean()))
+
+
+def test_distortion_of_images_smaller_than_the_pooling() -> None:
+    # tiles at the image border can be a few pixels wide: pooling stops at a side of 1
+    from pillow_sdlatent.models.refine import distortion
+
+    goal = torch.zeros((1, 3, 3, 40))
+    assert float(distortion(goal + 0.1, goal)) == pytest.approx(2 * 0.1**2)  # full scale + one 2x2 level
