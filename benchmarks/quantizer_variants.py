@@ -49,11 +49,6 @@ DEFAULT_IMAGES = [KODAK / f"kodim{i:02d}.png" for i in (1, 3, 5, 8, 11, 13, 15, 
 Quantizer = tuple[np.ndarray, np.ndarray]  # (symbols (C,h,w) int64 >= 0, dequantized latents (C,h,w) float32)
 
 
-def dead_zone(t: np.ndarray, centre: float, rho: float) -> np.ndarray:
-    u = t - centre
-    return centre + np.sign(u) * np.floor(np.abs(u) + rho)
-
-
 def base(z: np.ndarray, q: int, rgb: np.ndarray, rho: float | None = None) -> Quantizer:
     with patch.object(cc, "RHO", cc.RHO if rho is None else rho):
         s, off, sc, _ = cc.quantize(z, q)
@@ -69,7 +64,7 @@ def error_diffused(z: np.ndarray, q: int, rgb: np.ndarray, strength: float) -> Q
         for y in range(h):
             for x in range(w):
                 v = t[y, x]
-                qv = dead_zone(np.array(v), centres[c], cc.RHO).item()
+                qv = cc._dead_zone(np.array(v), centres[c]).item()  # the writer's rounding
                 e = (v - qv) * strength
                 out[c, y, x] = qv
                 if x + 1 < w:
@@ -100,7 +95,7 @@ def adaptive(z: np.ndarray, q: int, rgb: np.ndarray, alpha: float, block: int = 
     for ch in range(c):
         d = steps[ch] * mult
         mu = float(z[ch].mean())
-        qi = dead_zone((z[ch] - mu) / d, 0.0, cc.RHO)
+        qi = cc._dead_zone((z[ch] - mu) / d, 0.0)
         zq[ch] = mu + qi * d
         symbols[ch] = qi - qi.min()
     return symbols, zq
