@@ -6,9 +6,9 @@ For each image and quality: bits per pixel of the .sdl file (as Image.save write
 - ``float``: refined against the float decode (``encode_latents(refine=N)``), then quantized;
 - ``noise``: refined against the decode of latents plus uniform noise of one quantizer step (quality 60's),
   the usual training stand-in for rounding (this script's own loop; not shipped);
-- ``quantizer``: refined through the quantizer (straight-through, best iterate) on the pixel MSE plus
-  ``RATE_WEIGHT`` (0.02) times the rate proxy ``step^2 * mean |latent/step - phase - centre|``: what
-  ``refine=N`` does;
+- ``quantizer``: refined through the quantizer (straight-through, best iterate) on the distortion (pixel MSE at
+  full and ``POOLED_LEVELS`` (4) coarser scales) plus ``RATE_WEIGHT`` (0.04) times the rate proxy
+  ``step^2 * mean |latent/step - phase - centre|``: what ``refine=N`` does;
 - ``rate K``: the same with the rate weight set to K (``rate 0``: no rate term, as before it);
 - ``pooled L, rate K`` (with ``--pooled-levels``): also with ``POOLED_LEVELS`` set to L, the coarser scales in
   the distortion (``pooled 0``: the pixel MSE alone, as before them).
