@@ -116,11 +116,7 @@ def coded_bits(symbols: np.ndarray) -> int:
 
 def batch_bits(r: np.ndarray, levels: int) -> float:
     """Ideal bits of residuals ``r`` under coder 2's best (shift, shape) for them, 16 bits of parameters."""
-    sh, shape = cc._choose_model(r, levels)
-    b = np.clip((r >> sh) + cc.R + 1, 0, cc.NB - 1)
-    cnt = np.bincount(b, minlength=cc.NB)
-    esc = np.log2(max(2, (levels >> sh) + 2))
-    return float(-(cc.LOG2P[shape] @ cnt) + r.size * sh + (cnt[0] + cnt[-1]) * esc + 16)
+    return cc.model_bits(r, levels)[0] + 16
 
 
 def entropy_split(z: np.ndarray, q: int, classes: int = 4) -> dict[str, float]:
@@ -138,14 +134,7 @@ def entropy_split(z: np.ndarray, q: int, classes: int = 4) -> dict[str, float]:
         known[:] = False
         for k in range(4):
             ys, xs = cc._phase_pos(h, w, k)
-            F = cc._features(D, c, k, ys, xs)
-            tgt = D[c][np.ix_(ys, xs)].ravel()
-            if F:
-                X = np.stack([f.ravel() for f in F], 1).astype(np.float64)
-                a = np.clip(np.round(np.linalg.lstsq(X, tgt.astype(np.float64), rcond=None)[0] * 64), -128, 127)
-                pred = cc._predict(F, a.astype(np.int8), int(mu[c]), L).ravel()
-            else:
-                pred = np.full(tgt.size, int(mu[c]))
+            _, pred = cc.fit_predictor(D, c, k, ys, xs, int(mu[c]), L)  # coder 2's own predictor
             r = S[c][np.ix_(ys, xs)].ravel() - pred
             res[c][np.ix_(ys, xs)] = r.reshape(ys.size, xs.size)
             acc = np.zeros((ys.size, xs.size))

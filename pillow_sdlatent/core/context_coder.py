@@ -263,6 +263,12 @@ def _bin_weights(shape: int, pred: np.ndarray, sh: int, L: int) -> np.ndarray:
 # ---------------- encoder -----------------
 def _choose_model(r: np.ndarray, L: int) -> tuple[int, int]:
     """pick (sh, shape) minimising estimated bits for residuals r (encoder only)."""
+    return model_bits(r, L)[1:]
+
+
+def model_bits(r: np.ndarray, L: int) -> tuple[float, int, int]:
+    """(ideal bits, sh, shape) of the (sh, shape) that codes residuals ``r`` in the fewest bits (encoder only;
+    the batch's two header bytes not counted)."""
     best = None
     for sh in range(0, 17):
         if sh > 0 and (1 << sh) > 2 * L:
@@ -276,8 +282,23 @@ def _choose_model(r: np.ndarray, L: int) -> tuple[int, int]:
         tot = bits + r.size * sh + esc * Eb
         j = int(np.argmin(tot))
         if best is None or tot[j] < best[0]:
-            best = (tot[j], sh, j)
-    return best[1], best[2]
+            best = (float(tot[j]), sh, j)
+    return best
+
+
+def fit_predictor(
+    Dall: np.ndarray, c: int, k: int, ys: np.ndarray, xs: np.ndarray, mu: int, L: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's predictor of batch (c, k): least-squares coefficients of the features in Q6 (int8) and the
+    predictions (flat, int64) they give, from the centred symbols ``Dall`` (encoder only)."""
+    F = _features(Dall, c, k, ys, xs)
+    if not F:
+        return np.zeros(0, np.int8), np.full(ys.size * xs.size, mu, np.int64)
+    tgt = Dall[c][np.ix_(ys, xs)].ravel()
+    X = np.stack([f.ravel() for f in F], 1).astype(np.float64)
+    a = np.linalg.lstsq(X, tgt.astype(np.float64), rcond=None)[0] if X.shape[0] >= X.shape[1] else np.zeros(X.shape[1])
+    a = np.clip(np.round(a * 64), -128, 127).astype(np.int8)
+    return a, _predict(F, a, mu, L).ravel()
 
 
 def _check(symbols: np.ndarray, levels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -328,20 +349,7 @@ def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, cost
                 coefs.append(np.zeros(_nfeat(c, k), np.int8))
                 params.append((0, 0))
                 continue
-            F = _features(Dall, c, k, ys, xs)
-            tgt = Dall[c][np.ix_(ys, xs)].ravel()
-            if F:
-                X = np.stack([f.ravel() for f in F], 1).astype(np.float64)
-                a = (
-                    np.linalg.lstsq(X, tgt.astype(np.float64), rcond=None)[0]
-                    if X.shape[0] >= X.shape[1]
-                    else np.zeros(X.shape[1])
-                )
-                a = np.clip(np.round(a * 64), -128, 127).astype(np.int8)
-                pred = _predict(F, a, int(mu[c]), L).ravel()
-            else:
-                a = np.zeros(0, np.int8)
-                pred = np.full(tgt.size, int(mu[c]), np.int64)
+            a, pred = fit_predictor(Dall, c, k, ys, xs, int(mu[c]), L)
             s = S[c][np.ix_(ys, xs)].ravel()
             r = s - pred
             sh, shape = _choose_model(r, L)
