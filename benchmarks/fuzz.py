@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pillow_sdlatent  # noqa: E402  (registers the format)
+from pillow_sdlatent.core import transform_coder  # noqa: E402
 from pillow_sdlatent.core.codec import LatentFile, build_chunks, decode_bytes, quantize  # noqa: E402
 from pillow_sdlatent.core.container import SIGNATURE, write_chunks  # noqa: E402
 from pillow_sdlatent.core.header import Header  # noqa: E402
@@ -119,6 +120,7 @@ def built_seeds() -> dict[str, bytes]:
         "palette-la-8": build_file(16, 24, "LA", 4, QuantSettings("palette", 64, 8, dither=0.0), 4),
         "palette-u16-c6": build_file(40, 40, "RGB", 6, QuantSettings("palette", 32, 260, dither=0.0), 5),
         "scalar-ds1": build_file(5, 3, "RGB", 3, QuantSettings("scalar", 16), 6, downscale=1),
+        "transform-c5": build_file(40, 24, "RGB", 5, QuantSettings("transform", coder="transform", quality=50), 7),
     }
 
 
@@ -131,6 +133,7 @@ def model_seeds(model: str | None = None) -> dict[str, bytes]:
         "taesd-rgb-16": (base.convert("RGB").crop((0, 0, 16, 16)), {"quality": 60}),
         "taesd-rgba-48x40": (base, {"quality": 90}),
         "taesd-l-24x16": (base.convert("L").crop((3, 5, 27, 21)), {"quality": 30}),
+        "taesd-rgb-context": (base.convert("RGB").crop((0, 0, 40, 24)), {"quality": 60, "method": "context"}),
         "taesd-la-palette": (base.convert("LA").crop((0, 0, 32, 24)), {"method": "palette", "palette_size": 16}),
     }
     out = {}
@@ -457,8 +460,11 @@ def mutate(data: bytes, rng: random.Random, steps: int | None = None) -> bytes:
 
 def _check_latent_file(lf: LatentFile) -> None:
     h = lf.header
-    if lf.symbols.shape != h.latent_shape or lf.symbols.dtype != np.uint16:
-        raise Crash(f"symbols of shape {lf.symbols.shape} {lf.symbols.dtype}, header says {h.latent_shape}")
+    want = h.latent_shape
+    if h.quantizer == "transform":  # coefficient planes, padded to the 4x4 blocks
+        want = (h.channels, *transform_coder.coefficient_shape(h.latent_height, h.latent_width))
+    if lf.symbols.shape != want or lf.symbols.dtype != np.uint16:
+        raise Crash(f"symbols of shape {lf.symbols.shape} {lf.symbols.dtype}, header says {want}")
     if np.any(lf.symbols >= h.levels[:, None, None]):
         raise Crash("symbol beyond its channel's levels returned")
     if not np.all(np.isfinite(lf.latents())):

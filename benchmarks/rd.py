@@ -427,7 +427,10 @@ def process_image(path: Path) -> ImageResult:
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
-        stats = rm.context_coder_stats(lf.symbols, lf.header.levels, ldat)
+        if lf.header.coder == "transform":
+            stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.header.weights, ldat)
+        else:
+            stats = rm.context_coder_stats(lf.symbols, lf.header.levels, ldat)
         ctx, ctx_kt = rm.context_bits(lf.symbols, lf.header.levels)
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
         return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
@@ -436,6 +439,7 @@ def process_image(path: Path) -> ImageResult:
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
         rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
+        rtag += f"|{settings_for(q, 'auto', model.latent_channels).coder}"  # the method "auto" stands for
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)

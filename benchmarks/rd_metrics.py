@@ -292,3 +292,33 @@ def context_coder_stats(symbols: np.ndarray, levels: np.ndarray, ldat: bytes) ->
         "categorical_bits": cat_bits,
         "residual_order0_bits": res_bits,
     }
+
+
+def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tuple[int, ...], ldat: bytes) -> dict:
+    """:func:`context_coder_stats` for a stream of coder 3 (transform): its own model's ideal code length,
+    from re-encoding the decoded coefficient symbols (the encoder is deterministic: the same stream, whose
+    ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes);
+    'residual_order0_bits' is the order-0 entropy of each band (the DC bands' after prediction not counted)."""
+    from pillow_sdlatent.core import transform_coder as tc
+
+    costs: list[float] = []
+    again = tc.encode_symbols(symbols, levels, weights, costs)
+    if again != ldat:
+        raise RuntimeError("re-encoding the decoded coefficients did not give the file's LDAT")
+    s_all = np.asarray(symbols).astype(np.int64)
+    nb = ldat[3 + 16 : 3 + 16 + s_all.shape[0]]
+    from pillow_sdlatent.core import context_coder as cc
+
+    nco = sum(cc._nfeat(c, k) for c in range(s_all.shape[0]) for k in range(4))
+    hlen = 3 + 16 + len(nb) + nco + 2 * sum(n + 3 if n else 0 for n in nb) + 4
+    n_ch = s_all.shape[0]
+    bands = sum(_entropy_bits(s_all[c, u::4, v::4].ravel()) for c in range(n_ch) for u in range(4) for v in range(4))
+    return {
+        "values": float(s_all.size),
+        "ldat_bits": 8.0 * len(ldat),
+        "header_bits": 8.0 * hlen,
+        "payload_bits": 8.0 * (len(ldat) - hlen),
+        "ideal_bits": float(sum(costs)),
+        "categorical_bits": float("nan"),
+        "residual_order0_bits": bands,
+    }

@@ -117,8 +117,8 @@ def latents_for_file(
     steps = refine_steps(refine)
     if not steps:
         return latents, settings
-    from .core import context_coder
-    from .models.refine import dead_zone_quantizer
+    from .core import context_coder, transform_coder
+    from .models.refine import dead_zone_quantizer, transform_quantizer
 
     x = to_tensor(rgb, model.downscale)
     z = torch.from_numpy(latents)[None]
@@ -127,6 +127,10 @@ def latents_for_file(
         grid = settings.grid or context_coder.grid(latents, settings.quality)
         zr = model.refine(x, z, steps, height=h, width=w, quantizer=dead_zone_quantizer(grid))
         return zr[0].cpu().numpy().astype(np.float32), replace(settings, grid=grid)
+    if settings.quantizer == "transform":
+        params = settings.grid or transform_coder.params(latents, settings.quality)
+        zr = model.refine(x, z, steps, height=h, width=w, quantizer=transform_quantizer(params))
+        return zr[0].cpu().numpy().astype(np.float32), replace(settings, grid=params)
     zr = model.refine(x, z, steps, height=h, width=w)[0].cpu().numpy().astype(np.float32)
     return best_quantized(model, rgb, [zr, latents], settings), settings
 
@@ -143,7 +147,8 @@ def best_quantized(
     errors = []
     for z in candidates:
         fields, payload, palette = quantize(z, settings)
-        out = to_uint8(model.decode(torch.from_numpy(reader_latents(fields, payload, palette))[None]), h, w)
+        zq = reader_latents(fields, payload, palette, z.shape[1:])
+        out = to_uint8(model.decode(torch.from_numpy(zq)[None]), h, w)
         errors.append(float((torch.from_numpy(out).float() - ref).square().mean()))
     return candidates[int(np.argmin(errors))]
 
@@ -203,7 +208,7 @@ def latents_to_chunks(
         **fields,
     )
     if preview_of is not None:
-        seen = reader_latents(fields, payload, palette)
+        seen = reader_latents(fields, payload, palette, latents.shape[1:])
         extra = [*(extra or []), preview_chunk(seen, preview_of, mode, model.downscale)]
     return build_chunks(header, payload, palette, alpha, info, extra)
 

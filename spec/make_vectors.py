@@ -42,6 +42,8 @@ VECTORS = {
     "palette-u16-la-c32": (96, 72, "LA", 32, QuantSettings("palette", 256, 300, "kmeans", 0.0, "zstd")),
     "context-rgb": (120, 72, "RGB", 4, QuantSettings(coder="context", quality=75)),
     "context-l-c16": (33, 41, "L", 16, QuantSettings(coder="context", quality=100)),
+    "transform-rgb": (120, 72, "RGB", 4, QuantSettings("transform", coder="transform", quality=75)),
+    "transform-l-c16": (33, 41, "L", 16, QuantSettings("transform", coder="transform", quality=20)),
 }
 
 

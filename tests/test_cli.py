@@ -162,7 +162,8 @@ def test_info_json_without_torch(tmp_path: Path, kodak_crop: Image.Image, env: d
     assert (d["width"], d["height"], d["mode"]) == (96, 64, "RGB")
     assert d["model_id"] == "taesd" and d["fingerprint"] == model.fingerprint.hex()
     assert d["latent_shape"] == [4, 8, 12] and d["downscale"] == 8
-    assert d["quantizer"] == "scalar" and len(d["levels"]) == 4 and d["palette_size"] == 0
+    assert d["quantizer"] == "transform" and d["coder"] == "transform"  # the default method
+    assert len(d["levels"]) == 4 and d["palette_size"] == 0
     types = [c["type"] for c in d["chunks"]]
     assert types[0] == "HEAD" and types[-1] == "SEND" and "LDAT" in types
     assert sum(c["length"] + 12 for c in d["chunks"]) + 8 == d["file_size"]

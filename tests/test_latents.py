@@ -14,9 +14,9 @@ from PIL import Image
 
 import pillow_sdlatent
 from pillow_sdlatent._atomic import atomic_write, write_bytes_atomic
-from pillow_sdlatent.core import context_coder
+from pillow_sdlatent.core import context_coder, transform_coder
 from pillow_sdlatent.core.codec import quantize
-from pillow_sdlatent.core.scalar import dequantize
+from pillow_sdlatent.core.preview import reader_latents
 from pillow_sdlatent.core.settings import QuantSettings, settings_for
 from pillow_sdlatent.latents import (
     decode_latents,
@@ -51,8 +51,20 @@ def taesd_dir_spec(model) -> str:
 
 def _expected(latents: torch.Tensor, settings: QuantSettings) -> np.ndarray:
     """The quantized latents, computed by the quantizer alone (no container, no coder)."""
-    fields, symbols, _ = quantize(latents.numpy(), settings)
-    return dequantize(symbols, fields["offset"], fields["scale"])
+    fields, symbols, palette = quantize(latents.numpy(), settings)
+    return reader_latents(fields, symbols, palette, tuple(latents.shape[1:]))
+
+
+def _error_bound(settings: QuantSettings, scale: np.ndarray) -> np.ndarray:
+    """Largest quantization error of a latent: half a step, 1 - RHO steps in the dead zone, and for the
+    transform the coefficients' bounds carried through the inverse DCT (largest basis products)."""
+    if settings.quantizer == "transform":
+        w = np.asarray(transform_coder.default_weights(), np.float64).reshape(4, 4) / 16
+        per = np.full((4, 4), 1 - transform_coder.RHO)
+        per[0, 0] = 0.5
+        peak = np.abs(transform_coder.BASIS).max(axis=1)
+        return scale * float((np.outer(peak, peak) * w * per).sum())
+    return scale * ((1 - context_coder.RHO) if settings.coder == "context" else 0.5)
 
 
 @pytest.mark.parametrize(
@@ -72,10 +84,9 @@ def test_write_then_read_gives_quantized_latents_bit_for_bit(tmp_path, taesd, cr
     assert z.numpy().tobytes() == expected.tobytes()  # bit for bit, not approximately
     assert header.model_id == "taesd" and header.fingerprint == taesd.fingerprint
     assert header.coder == settings.coder
-    # quantization error is bounded per channel: half a step, or 1 - RHO steps with the dead zone
-    bound = (1 - context_coder.RHO) if settings.coder == "context" else 0.5
+    # quantization error is bounded per channel (see _error_bound)
     err = (z - crop_latents).abs().amax(dim=(1, 2)).numpy()
-    assert np.all(err <= header.scale * bound + 1e-6)
+    assert np.all(err <= _error_bound(settings, header.scale) + 1e-6)
 
 
 def test_write_latents_accepts_loaded_model_file_object_and_4d(taesd, crop_latents) -> None:

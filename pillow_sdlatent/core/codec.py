@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import context_coder, entropy
+from . import context_coder, entropy, transform_coder
 from .container import (
     SIGNATURE,
     Chunk,
@@ -41,14 +41,19 @@ class LatentFile:
     """Everything a file holds below the model: header, symbols, alpha, metadata."""
 
     header: Header
-    symbols: np.ndarray  # (C, h, w) uint16, palette already looked up
+    symbols: np.ndarray  # (C, h, w) uint16, palette already looked up; transform: (C, H, W) coefficients
     alpha: np.ndarray | None = None  # (height, width) uint8
     info: dict[str, bytes] = field(default_factory=dict)
     truncated: bool = False
 
     def latents(self) -> np.ndarray:
         """Dequantized float32 latents (C, h, w), bit-exact as the spec defines."""
-        return dequantize(self.symbols, self.header.offset, self.header.scale)
+        h = self.header
+        if h.quantizer == "transform":
+            return transform_coder.dequantize(
+                self.symbols, h.offset, h.scale, h.levels, h.weights or (), (h.latent_height, h.latent_width)
+            )
+        return dequantize(self.symbols, h.offset, h.scale)
 
 
 # ---------------------------------------------------------------- writing
@@ -56,6 +61,10 @@ class LatentFile:
 
 def quantize(latents: np.ndarray, settings: QuantSettings) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Quantize float latents; returns header fields, the LDAT symbol array and the palette."""
+    if settings.quantizer == "transform":
+        symbols, offset, scale, levels, weights = transform_coder.quantize(latents, settings.quality, settings.grid)
+        fields = {"offset": offset, "scale": scale, "levels": levels, "weights": weights}
+        return fields | {"quantizer": "transform", "palette_size": 0}, symbols, None
     if settings.coder == "context":
         symbols, offset, scale, levels = context_coder.quantize(latents, settings.quality, grid_=settings.grid)
     else:
@@ -106,6 +115,10 @@ def build_chunks(
         chunks.append(Chunk(b"ALPH", _alpha_payload(alpha)))
     if header.coder == "context":
         ldat = context_coder.encode_symbols(payload_symbols, header.levels)
+    elif header.coder == "transform":
+        if header.weights is None:
+            raise ValueError("the transform coder needs the quantizer's band weights (Header.weights)")
+        ldat = transform_coder.encode_symbols(payload_symbols, header.levels, header.weights)
     else:
         dtype = header.index_dtype if header.quantizer == "palette" else header.symbol_dtype
         ldat = entropy.encode(np.ascontiguousarray(payload_symbols, dtype).tobytes(), header.coder)
@@ -205,6 +218,8 @@ def _decode_symbols(header: Header, data: dict[bytes, bytes], truncated: bool) -
         count, dtype, limit = c * h * w, sym_dtype, None
     if header.coder == "context":
         return _decode_context(header, data.get(b"LDAT"), truncated)
+    if header.coder == "transform":
+        return _decode_transform(header, data.get(b"LDAT"), truncated)
     size = count * dtype.itemsize
     if b"LDAT" not in data:
         if not truncated:
@@ -244,6 +259,27 @@ def _decode_context(header: Header, payload: bytes | None, truncated: bool) -> n
         # Tolerant mode: a cut range-coded stream has no usable prefix; every value decodes to latent 0.
         c, h, w = header.latent_shape
         return np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(c, h, w)
+
+
+def _decode_transform(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:
+    """Coder 3, like coder 2, decodes as a whole or not at all; tolerant mode falls back to the channel means."""
+    c, h, w = header.latent_shape
+    shape = (c, *transform_coder.coefficient_shape(h, w))
+    try:
+        if payload is None:
+            raise FormatError("file has no LDAT chunk")
+        symbols, header.weights = transform_coder.decode_symbols(payload, shape, header.levels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = transform_coder.dequantize(symbols, header.offset, header.scale, header.levels, header.weights, (h, w))
+        if not np.all(np.isfinite(z)):  # large steps x weights can overflow float32 where the header's check cannot see
+            raise FormatError("transform coefficients dequantize beyond float32")
+        return symbols
+    except ValueError as exc:
+        if not truncated:
+            raise FormatError(f"corrupt LDAT (transform coder): {exc}") from exc
+        header.weights = (16,) * (transform_coder.BLOCK**2)  # only the zero coefficients remain: any weight
+        zero = ((header.levels.astype(np.int64) - 1) // 2).astype(np.uint16)
+        return np.repeat(zero[:, None], shape[1] * shape[2], axis=1).reshape(shape)
 
 
 def _decode_alpha(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:

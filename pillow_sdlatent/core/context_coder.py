@@ -260,6 +260,67 @@ def _bin_weights(shape: int, pred: np.ndarray, sh: int, L: int) -> np.ndarray:
     return W
 
 
+def encode_batch(
+    enc: constriction.stream.queue.RangeEncoder,
+    r: np.ndarray,
+    pred: np.ndarray,
+    L: int,
+    sh: int,
+    shape: int,
+    costs: list[float] | None = None,
+) -> None:
+    """Append one batch: residuals ``r`` (int64) of symbols ``pred + r`` in ``0..L-1`` under model (sh, shape):
+    the bins, then the low parts, then the escapes (spec section 5.1). ``costs`` gets the ideal bits."""
+    cat = constriction.stream.model.Categorical(perfect=False)
+    uni = constriction.stream.model.Uniform()
+    hh = r >> sh
+    b = np.clip(hh + R + 1, 0, NB - 1)
+    sel = (b == 0) | (b == NB - 1)
+    E = max(2, (L >> sh) + 2)
+    for i in range(0, b.size, BIN_SLICE):  # slices bound the (n, NB) weights' memory, as in the decoder
+        W = _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)
+        enc.encode(b[i : i + BIN_SLICE].astype(np.int32), cat, W)
+        if costs is not None:
+            costs.append(-np.log2(model_probabilities(W, b[i : i + BIN_SLICE])).sum())
+    if sh > 0:
+        enc.encode((r - (hh << sh)).astype(np.int32), uni, np.full(r.size, 1 << sh, np.int32))
+    if sel.any():
+        e = np.where(b == 0, -R - 1 - hh, hh - R - 1)[sel]
+        enc.encode(e.astype(np.int32), uni, np.full(e.size, E, np.int32))
+    if costs is not None:
+        costs.append(float(r.size * sh + sel.sum() * np.log2(E)))
+
+
+def decode_batch(
+    dec: constriction.stream.queue.RangeDecoder, pred: np.ndarray, L: int, sh: int, shape: int
+) -> np.ndarray:
+    """The symbols (int64) of one batch with predictions ``pred``; ValueError if one falls outside 0..L-1."""
+    cat = constriction.stream.model.Categorical(perfect=False)
+    uni = constriction.stream.model.Uniform()
+    n = pred.size
+    # the bins of a batch are consecutive in the stream: decode them in slices to bound the weights' memory
+    b = np.concatenate(
+        [
+            dec.decode(cat, _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)).astype(np.int64)
+            for i in range(0, n, BIN_SLICE)
+        ]
+    )
+    hh = b - (R + 1)
+    r = hh << sh
+    if sh > 0:
+        r = r + dec.decode(uni, np.full(n, 1 << sh, np.int32)).astype(np.int64)
+    sel = (b == 0) | (b == NB - 1)
+    if sel.any():
+        E = max(2, (L >> sh) + 2)
+        e = dec.decode(uni, np.full(int(sel.sum()), E, np.int32)).astype(np.int64)
+        hsel = np.where(b[sel] == 0, -R - 1 - e, R + 1 + e)
+        r[sel] = (hsel << sh) + (r[sel] - (hh[sel] << sh))
+    s = pred + r
+    if (s < 0).any() or (s >= L).any():
+        raise ValueError("decoded symbol out of range")
+    return s
+
+
 # ---------------- encoder -----------------
 def _choose_model(r: np.ndarray, L: int) -> tuple[int, int]:
     """pick (sh, shape) minimising estimated bits for residuals r (encoder only)."""
@@ -339,8 +400,6 @@ def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, cost
     coefs = []
     params = []
     enc = constriction.stream.queue.RangeEncoder()
-    cat = constriction.stream.model.Categorical(perfect=False)
-    uni = constriction.stream.model.Uniform()
     for c in range(C):
         L = int(levels[c])
         for k in range(4):
@@ -355,22 +414,7 @@ def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, cost
             sh, shape = _choose_model(r, L)
             coefs.append(a)
             params.append((sh, shape))
-            hh = r >> sh
-            b = np.clip(hh + R + 1, 0, NB - 1)
-            sel = (b == 0) | (b == NB - 1)
-            E = max(2, (L >> sh) + 2)
-            for i in range(0, b.size, BIN_SLICE):  # slices bound the (n, NB) weights' memory, as in the decoder
-                W = _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)
-                enc.encode(b[i : i + BIN_SLICE].astype(np.int32), cat, W)
-                if costs is not None:
-                    costs.append(-np.log2(model_probabilities(W, b[i : i + BIN_SLICE])).sum())
-            if sh > 0:
-                enc.encode((r - (hh << sh)).astype(np.int32), uni, np.full(r.size, 1 << sh, np.int32))
-            if sel.any():
-                e = np.where(b == 0, -R - 1 - hh, hh - R - 1)[sel]
-                enc.encode(e.astype(np.int32), uni, np.full(e.size, E, np.int32))
-            if costs is not None:
-                costs.append(float(r.size * sh + sel.sum() * np.log2(E)))
+            encode_batch(enc, r, pred, L, sh, shape, costs)
     head = bytearray(b"SL1")
     head += mu.astype("<u2").tobytes()
     for a in coefs:
@@ -440,8 +484,6 @@ def decode_symbols(data: bytes, shape: Sequence[int], levels: Sequence[int] | np
     p += 4
     words = np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32)
     dec = constriction.stream.queue.RangeDecoder(words)
-    cat = constriction.stream.model.Categorical(perfect=False)
-    uni = constriction.stream.model.Uniform()
     S = np.zeros((C, h, w), np.int64)
     Dall = np.zeros((C, h, w), np.int64)
     try:
@@ -456,26 +498,7 @@ def decode_symbols(data: bytes, shape: Sequence[int], levels: Sequence[int] | np
                 n = ys.size * xs.size
                 pred = _predict(F, coefs[4 * c + k], int(mu[c]), L)
                 pred = pred.ravel() if pred is not None else np.full(n, int(mu[c]), np.int64)
-                # the bins of a batch are consecutive in the stream: decode them in slices to bound the weights' memory
-                b = np.concatenate(
-                    [
-                        dec.decode(cat, _bin_weights(shape, pred[i : i + BIN_SLICE], sh, L)).astype(np.int64)
-                        for i in range(0, n, BIN_SLICE)
-                    ]
-                )
-                hh = b - (R + 1)
-                r = hh << sh
-                if sh > 0:
-                    r = r + dec.decode(uni, np.full(n, 1 << sh, np.int32)).astype(np.int64)
-                sel = (b == 0) | (b == NB - 1)
-                if sel.any():
-                    E = max(2, (L >> sh) + 2)
-                    e = dec.decode(uni, np.full(int(sel.sum()), E, np.int32)).astype(np.int64)
-                    hsel = np.where(b[sel] == 0, -R - 1 - e, R + 1 + e)
-                    r[sel] = (hsel << sh) + (r[sel] - (hh[sel] << sh))
-                s = pred + r
-                if (s < 0).any() or (s >= L).any():
-                    raise ValueError("decoded symbol out of range")
+                s = decode_batch(dec, pred, L, sh, shape)
                 s2 = s.reshape(ys.size, xs.size)
                 S[c][np.ix_(ys, xs)] = s2
                 Dall[c][np.ix_(ys, xs)] = s2 - mu[c]

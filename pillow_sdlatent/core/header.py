@@ -20,13 +20,15 @@ VERSION = (1, 0)
 MODES = {0: "L", 1: "RGB", 2: "LA", 3: "RGBA"}
 MODE_CODES = {v: k for k, v in MODES.items()}
 
-#: Quantizer ids. 0: one symbol per latent value; 1: palette of latent vectors.
-QUANTIZERS = {0: "scalar", 1: "palette"}
+#: Quantizer ids. 0: one symbol per latent value; 1: palette of latent vectors; 2: one symbol per coefficient
+#: of a 4x4 DCT of each channel (core/transform_coder.py).
+QUANTIZERS = {0: "scalar", 1: "palette", 2: "transform"}
 QUANTIZER_CODES = {v: k for k, v in QUANTIZERS.items()}
 
 #: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd; 2: context-model range coder
-#: (scalar quantizer only; see core/context_coder.py).
-CODERS = {0: "raw", 1: "zstd", 2: "context"}
+#: (scalar quantizer only; see core/context_coder.py); 3: range coder of DCT bands (transform quantizer only;
+#: see core/transform_coder.py).
+CODERS = {0: "raw", 1: "zstd", 2: "context", 3: "transform"}
 CODER_CODES = {v: k for k, v in CODERS.items()}
 
 # Limits every reader enforces (spec section "Limits").
@@ -60,6 +62,9 @@ class Header:
     scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     version: tuple[int, int] = VERSION
+    #: The transform quantizer's 16 band weights (Q4). They travel in ``LDAT``, not in ``HEAD``: set by the
+    #: writer's quantizer and by the reader once ``LDAT`` is decoded; None for the other quantizers.
+    weights: tuple[int, ...] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -115,7 +120,9 @@ class Header:
             if self.coder == "context":
                 raise bad("the context coder codes scalar symbols, not palette indices")
         elif self.palette_size != 0:
-            raise bad("palette size must be 0 for the scalar quantizer")
+            raise bad(f"palette size must be 0 for the {self.quantizer} quantizer")
+        if (self.quantizer == "transform") != (self.coder == "transform"):
+            raise bad("the transform quantizer and the transform coder (3) go together, and only together")
         raw_id = self.model_id.encode("utf-8")
         if len(raw_id) > MAX_MODEL_ID or "\x00" in self.model_id:
             raise bad("model id longer than 255 bytes or containing NUL")

@@ -34,6 +34,7 @@ import struct
 
 import numpy as np
 
+from . import transform_coder
 from .container import Chunk, FormatError
 from .scalar import dequantize
 
@@ -133,8 +134,15 @@ def unpack(payload: bytes, channels: int) -> np.ndarray:
     return matrix
 
 
-def reader_latents(fields: dict, payload: np.ndarray, palette: np.ndarray | None) -> np.ndarray:
-    """The float32 latents a reader will dequantize from :func:`codec.quantize`'s output."""
+def reader_latents(
+    fields: dict, payload: np.ndarray, palette: np.ndarray | None, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The float32 latents a reader will dequantize from :func:`codec.quantize`'s output; ``shape``: the latent
+    (h, w), needed by the transform quantizer (its coefficient planes are padded to multiples of 4)."""
+    if fields.get("quantizer") == "transform":
+        f = fields
+        hw = shape if shape is not None else payload.shape[1:]
+        return transform_coder.dequantize(payload, f["offset"], f["scale"], f["levels"], f["weights"], hw)
     symbols = payload if palette is None else palette[payload].transpose(2, 0, 1)
     return dequantize(symbols, fields["offset"], fields["scale"])
 

@@ -1,0 +1,188 @@
+"""Coder 3 (transform): exact dequantization, stream round trips, and rejection of bad streams (no models)."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+
+from pillow_sdlatent.core import transform_coder as tc
+from pillow_sdlatent.core.codec import build_chunks, decode_bytes, quantize, read_body, read_head
+from pillow_sdlatent.core.container import FormatError, write_chunks
+from pillow_sdlatent.core.header import Header
+from pillow_sdlatent.core.preview import reader_latents
+from pillow_sdlatent.core.settings import QuantSettings, settings_for
+
+TRANSFORM = QuantSettings("transform", coder="transform", quality=60)
+
+
+def smooth_latents(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = np.cumsum(np.cumsum(rng.normal(size=shape), axis=1), axis=2) * 0.05
+    return (z + rng.normal(scale=0.2, size=shape)).astype(np.float32)
+
+
+def spec_dequantize(q: np.ndarray, offset: float, scale: float, weights: list[int]) -> np.ndarray:
+    """Spec section 5.2 written out scalar by scalar in Python floats (binary64), for one 4x4 block."""
+    T = [[float(v) for v in row] for row in tc.BASIS]
+    X = [[float(int(q[u][v])) * float(np.float32(scale)) * float(weights[4 * u + v]) / 16 for v in range(4)]
+         for u in range(4)]  # fmt: skip
+    t = [[((X[u][0] * T[0][x] + X[u][1] * T[1][x]) + X[u][2] * T[2][x]) + X[u][3] * T[3][x] for x in range(4)]
+         for u in range(4)]  # fmt: skip
+    y = [[((T[0][r] * t[0][x] + T[1][r] * t[1][x]) + T[2][r] * t[2][x]) + T[3][r] * t[3][x] for x in range(4)]
+         for r in range(4)]  # fmt: skip
+    return np.array([[np.float32(float(np.float32(offset)) + y[r][x]) for x in range(4)] for r in range(4)])
+
+
+def test_basis_is_the_orthonormal_dct() -> None:
+    n = np.arange(4)
+    want = np.cos((2 * n[None, :] + 1) * n[:, None] * np.pi / 8) * np.where(n == 0, 0.5, np.sqrt(0.5))[:, None]
+    assert np.allclose(tc.BASIS, want, atol=1e-15, rtol=0)
+    assert np.allclose(tc.BASIS @ tc.BASIS.T, np.eye(4), atol=1e-15)
+    x = np.random.default_rng(0).normal(size=(2, 8, 12))
+    assert np.allclose(tc.inverse(tc.forward(x)), x, atol=1e-12)
+
+
+def test_dequantize_matches_the_spec_formula_bit_for_bit() -> None:
+    z = smooth_latents(1, (2, 7, 9))
+    symbols, offset, scale, levels, weights = tc.quantize(z, 70)
+    got = tc.dequantize(symbols, offset, scale, levels, weights, (7, 9))
+    assert got.shape == (2, 7, 9) and got.dtype == np.float32
+    for c in range(2):
+        zero = (int(levels[c]) - 1) // 2
+        for i in range(2):
+            for j in range(3):
+                q = symbols[c, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].astype(np.int64) - zero
+                block = spec_dequantize(q, offset[c], scale[c], list(weights))[: 7 - 4 * i, : 9 - 4 * j]
+                assert block.tobytes() == got[c, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].tobytes()
+
+
+@pytest.mark.parametrize(("shape", "quality"), [((4, 8, 12), 75), ((4, 9, 15), 40), ((1, 1, 1), 60), ((16, 6, 5), 20),
+                                                 ((3, 13, 4), 100), ((4, 24, 16), 0)])  # fmt: skip
+def test_stream_round_trip(shape: tuple[int, int, int], quality: int) -> None:
+    z = smooth_latents(sum(shape) + quality, shape)
+    symbols, _, _, levels, weights = tc.quantize(z, quality)
+    assert symbols.shape == (shape[0], *tc.coefficient_shape(*shape[1:]))
+    costs: list[float] = []
+    data = tc.encode_symbols(symbols, levels, weights, costs)
+    back, w2 = tc.decode_symbols(data, symbols.shape, levels)
+    assert back.tobytes() == symbols.tobytes() and w2 == weights
+    assert 8 * len(data) >= sum(costs)  # the coder cannot beat its own model's ideal code length
+
+
+def test_quantization_error_shrinks_with_quality_and_high_bands_empty_out() -> None:
+    z = smooth_latents(3, (4, 16, 16))
+    errs, coded = [], []
+    for q in (20, 50, 80, 100):
+        s, off, sc, lev, w = tc.quantize(z, q)
+        errs.append(float(np.sqrt(((tc.dequantize(s, off, sc, lev, w, (16, 16)) - z) ** 2).mean())))
+        data = tc.encode_symbols(s, lev, w)
+        coded.append(sum(data[3 + 16 : 3 + 16 + 4]))  # nb[c]: bands coded per channel
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05
+    assert coded[0] < coded[-1] == 64
+
+
+def test_weights_grow_with_frequency() -> None:
+    w = np.array(tc.default_weights()).reshape(4, 4)
+    assert w[0, 0] == 16 and w[3, 3] == round(16 * (1 + tc.WEIGHT_SLOPE))
+    assert (np.diff(w, axis=0) > 0).all() and (np.diff(w, axis=1) > 0).all()
+
+
+def test_constant_channel_codes_no_band() -> None:
+    z = np.full((2, 8, 8), 0.7, np.float32)
+    z[1] = smooth_latents(4, (1, 8, 8))[0]
+    s, off, sc, lev, w = tc.quantize(z, 60)
+    data = tc.encode_symbols(s, lev, w)
+    assert data[3 + 16] == 0 and data[3 + 17] > 0  # nb: channel 0 has nothing to code
+    back, _ = tc.decode_symbols(data, s.shape, lev)
+    assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8))[0], z[0])
+
+
+def _file(z: np.ndarray, settings: QuantSettings = TRANSFORM) -> bytes:
+    fields, payload, palette = quantize(z, settings)
+    c, h, w = z.shape
+    header = Header(width=8 * w, height=8 * h, mode="RGB", channels=c, latent_height=h, latent_width=w,
+                    model_id="test", coder=settings.coder, **fields)  # fmt: skip
+    buf = io.BytesIO()
+    write_chunks(buf, build_chunks(header, payload, palette))
+    return buf.getvalue()
+
+
+def test_file_round_trip_gives_the_writers_latents() -> None:
+    z = smooth_latents(5, (4, 10, 7))
+    lf = decode_bytes(_file(z))
+    assert (lf.header.quantizer, lf.header.coder) == ("transform", "transform")
+    assert lf.symbols.shape == (4, 12, 8) and lf.header.weights == tc.default_weights()
+    fields, payload, palette = quantize(z, TRANSFORM)
+    assert lf.latents().tobytes() == reader_latents(fields, payload, palette, (10, 7)).tobytes()
+    assert float(np.abs(lf.latents() - z).mean()) < 0.2
+
+
+def test_default_method_is_the_transform_coder() -> None:
+    assert settings_for(None) == QuantSettings("transform", coder="transform", quality=75)
+    assert settings_for(60, "context").coder == "context"
+    z = smooth_latents(6, (32, 4, 4))  # any channel count
+    assert decode_bytes(_file(z, settings_for(50, "auto", 32))).latents().shape == (32, 4, 4)
+
+
+def test_header_pairs_the_transform_quantizer_with_its_coder() -> None:
+    z = smooth_latents(7, (4, 4, 4))
+    fields, _, _ = quantize(z, TRANSFORM)
+    for coder in ("zstd", "context"):
+        with pytest.raises(FormatError, match="transform quantizer and the transform coder"):
+            Header(width=32, height=32, mode="RGB", channels=4, latent_height=4, latent_width=4, model_id="t",
+                   coder=coder, **fields).validate()  # fmt: skip
+    with pytest.raises(FormatError, match="transform quantizer and the transform coder"):
+        Header(width=32, height=32, mode="RGB", channels=4, latent_height=4, latent_width=4, model_id="t",
+               coder="transform").validate()  # fmt: skip
+
+
+def _ldat_span(data: bytes) -> tuple[int, int]:
+    i = data.index(b"LDAT")
+    return i + 4, i + 4 + struct.unpack(">I", data[i - 4 : i])[0]
+
+
+def _with_ldat(data: bytes, payload: bytes) -> bytes:
+    import zlib
+
+    a, b = _ldat_span(data)
+    crc = struct.pack(">I", zlib.crc32(b"LDAT" + payload))
+    return data[: a - 8] + struct.pack(">I", len(payload)) + b"LDAT" + payload + crc + data[b + 4 :]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: b"XX1" + p[3:], "bad stream header"),
+        (lambda p: p[:3] + b"\x00" + p[4:], "band weight 0"),
+        (lambda p: p[:19] + b"\x11" + p[20:], "more than 16 bands"),
+        (lambda p: p[:-4], "CRC mismatch|corrupt|out of range|cannot come from"),
+        (lambda p: p[:-8] + bytes(8), "CRC mismatch|corrupt|out of range"),
+        (lambda p: p[:-1], "bad stream length"),
+    ],
+)
+def test_corrupt_streams_are_rejected(edit, message: str) -> None:
+    data = _file(smooth_latents(8, (4, 8, 8)))
+    a, b = _ldat_span(data)
+    with pytest.raises(FormatError, match=message):
+        decode_bytes(_with_ldat(data, edit(data[a:b])))
+
+
+def test_forged_band_count_cannot_inflate_a_tiny_payload() -> None:
+    # one channel, 16 bands: 5 DC coefficients, 19 models, the CRC, then a single word of payload
+    with pytest.raises(ValueError, match="cannot come from"):
+        tc.decode_symbols(b"ST1" + bytes([16] * 16) + bytes([16]) + bytes(5 + 2 * 19 + 4) + bytes(4),
+                          (1, 4096, 4096), [3])  # fmt: skip
+
+
+def test_truncated_file_in_tolerant_mode_decodes_to_channel_offsets() -> None:
+    z = smooth_latents(9, (4, 8, 8))
+    data = _file(z)
+    a, _ = _ldat_span(data)
+    fp = io.BytesIO(data[: a + 20])
+    header, info = read_head(fp)
+    lf = read_body(fp, header, info, allow_truncated=True)
+    assert lf.truncated
+    assert np.array_equal(lf.latents(), np.broadcast_to(header.offset[:, None, None], (4, 8, 8)))
