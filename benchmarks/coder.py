@@ -1,9 +1,11 @@
 """Latent coder on its own: bits per latent value, distance to the entropy limits, and entropy-decoding speed.
 
     python benchmarks/coder.py [--model ../shared/models/taesd] [--images ...] [--quality 20 40 60 75 90]
+                               [--coder transform|context]
 
-For each image the autoencoder encodes once; then, per quality of the default method (coder 2,
-spec section 5.1), it reports the LDAT payload in bits per latent value next to
+For each image the autoencoder encodes once; then, per quality of the coder (default: coder 3 'transform',
+the default method, spec section 5.2; or coder 2 'context', section 5.1), it reports the LDAT payload in bits
+per latent value next to
 - the ideal code length of the symbols under the coder's own model (what a perfect entropy coder
   would spend with the same probabilities: the range coder's overhead),
 - the order-0 entropy of the symbols (per channel histogram: what a context-free coder could reach),
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pillow_sdlatent.core import context_coder
+from pillow_sdlatent.core import context_coder, transform_coder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KODAK = SHARED / "data" / "kodak"
@@ -40,9 +42,40 @@ def order0_bits(symbols: np.ndarray) -> float:
     return total
 
 
-def stream_header_bytes(channels: int) -> int:
+def stream_header_bytes(channels: int, data: bytes) -> int:
     coefficients = sum(context_coder._nfeat(c, k) for c in range(channels) for k in range(4))
+    if data[:3] == b"ST1":  # coder 3: weights, band counts, then two bytes per model (4 for DC + 1 per AC band)
+        nb = data[19 : 19 + channels]
+        return 3 + 16 + channels + coefficients + 2 * sum(n + 3 for n in nb if n) + 4
     return 3 + 2 * channels + coefficients + 8 * channels + 4
+
+
+def coder_round_trip(coder: str, z: np.ndarray, quality: int, costs: list[float]) -> tuple[bytes, float, object]:
+    """(stream, encode seconds, the decode + dequantize call) of one coder on latents ``z``."""
+    if coder == "transform":
+        symbols, offset, scale, levels, weights = transform_coder.quantize(z, quality)
+        t = time.perf_counter()
+        data = transform_coder.encode_symbols(symbols, levels, weights, costs)
+        encode_s = time.perf_counter() - t
+
+        def decode() -> None:
+            s, w = transform_coder.decode_symbols(data, symbols.shape, levels)
+            transform_coder.dequantize(s, offset, scale, levels, w, z.shape[1:])
+
+        return data, encode_s, decode
+    symbols, offset, scale, levels = context_coder.quantize(z, quality)
+    t = time.perf_counter()
+    data = context_coder.encode_symbols(symbols, levels, costs)
+    encode_s = time.perf_counter() - t
+
+    def decode2() -> None:
+        context_coder.dequantize(context_coder.decode_symbols(data, symbols.shape, levels), offset, scale)
+
+    return data, encode_s, decode2
+
+
+def _symbols(coder: str, z: np.ndarray, quality: int) -> np.ndarray:
+    return (transform_coder.quantize if coder == "transform" else context_coder.quantize)(z, quality)[0]
 
 
 def best_of(fn, repeats: int) -> float:
@@ -76,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", nargs="*", type=Path, default=sorted(KODAK.glob("kodim*.png")))
     ap.add_argument("--quality", nargs="*", type=int, default=[20, 40, 60, 75, 90])
     ap.add_argument("--repeats", type=int, default=5, help="decode timings: best of this many")
+    ap.add_argument("--coder", choices=("transform", "context"), default="transform")
     args = ap.parse_args(argv)
     latents = encode_latents(args.model, args.images)
     shape = next(iter(latents.values())).shape
     print(
         f"model {args.model}, {len(latents)} images (latents {shape[0]}x{shape[1]}x{shape[2]} for the first), "
-        f"{platform.processor() or platform.machine()}, one thread, constriction coder 2"
+        f"{platform.processor() or platform.machine()}, one thread, constriction, coder {args.coder}"
     )
     print("| quality | LDAT bytes | bits/latent | ideal bits under own model | coder overhead | order-0 entropy "
           "| bytes / order-0 | encode ms | decode+dequantize ms |")  # fmt: skip
@@ -89,20 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     for quality in args.quality:
         rows = []
         for z in latents.values():
-            symbols, offset, scale, levels = context_coder.quantize(z, quality)
             costs: list[float] = []
-            t = time.perf_counter()
-            data = context_coder.encode_symbols(symbols, levels, costs)
-            encode_s = time.perf_counter() - t
-
-            def decode(data: bytes = data, shape: tuple = symbols.shape, levels: np.ndarray = levels,
-                       offset: np.ndarray = offset, scale: np.ndarray = scale) -> None:  # fmt: skip
-                context_coder.dequantize(context_coder.decode_symbols(data, shape, levels), offset, scale)
-
+            data, encode_s, decode = coder_round_trip(args.coder, z, quality, costs)
             decode_s = best_of(decode, args.repeats)
-            payload_bits = 8 * (len(data) - stream_header_bytes(z.shape[0]))
+            payload_bits = 8 * (len(data) - stream_header_bytes(z.shape[0], data))
             rows.append((len(data), 8 * len(data) / z.size, sum(costs) / z.size, payload_bits, sum(costs),
-                         order0_bits(symbols) / z.size, encode_s, decode_s))  # fmt: skip
+                         order0_bits(_symbols(args.coder, z, quality)) / z.size, encode_s, decode_s))  # fmt: skip
         n, bpl, ideal_pl, payload, ideal, h0_pl, enc, dec = (
             np.array(c, dtype=np.float64) for c in zip(*rows, strict=True)
         )

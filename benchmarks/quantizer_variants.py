@@ -6,7 +6,7 @@
 Each variant quantizes the same latents at each quality and codes the symbols with coder 2 (spec section 5.1);
 the table gives mean bpp of the coded latents (LDAT payload, without the header and preview chunks), PSNR and,
 with ``--jod`` where pycvvdp imports, ColorVideoVDP JOD of the decode, then the BD-rate of each variant against
-``base`` (what ships: dead-zone offset RHO 0.30, plain rounding into the dead zone, one step per channel).
+``base`` (coder 2 as it ships: dead-zone offset RHO 0.30, plain rounding into the dead zone, one step per channel).
 
 - ``rho R``: dead-zone rounding offset R instead of RHO (0.5: plain rounding).
 - ``ed S``: Floyd-Steinberg error diffusion of strength S in each channel's step units before the dead zone
@@ -15,6 +15,10 @@ with ``--jod`` where pycvvdp imports, ColorVideoVDP JOD of the decode, then the 
   quarter octaves (x264-style adaptive quantization: coarser where texture masks the error). *Simulated*: the
   format has one step per channel, so the side information is not counted, and the symbols are coded as if
   they shared one grid.
+
+- ``transform``: coder 3 as it ships (4x4 DCT, band weights 1 + WEIGHT_SLOPE (u + v) / 6, dead zone RHO on the
+  AC coefficients; its quality scale sits QUALITY_SHIFT points above coder 2's), ``transform slope S`` and
+  ``transform rho R`` with the band-weight slope (0: every band the same step) or dead zone changed.
 
 ``--entropy`` instead prints the ideal code length of coder 2's residuals when each (channel, phase) batch is
 split into four classes of local activity (mean absolute residual of the decoded neighbours, of the previous
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import rd_metrics as rm
 
 from pillow_sdlatent.core import context_coder as cc
+from pillow_sdlatent.core import transform_coder as tc
 from pillow_sdlatent.models import load_model
 from pillow_sdlatent.pipeline import encode_latents, to_uint8
 
@@ -101,11 +106,26 @@ def adaptive(z: np.ndarray, q: int, rgb: np.ndarray, alpha: float, block: int = 
     return symbols, zq
 
 
-VARIANTS: dict[str, Callable[[np.ndarray, int, np.ndarray], Quantizer]] = {
+def transform(
+    z: np.ndarray, q: int, rgb: np.ndarray, slope: float | None = None, rho: float | None = None
+) -> tuple[int, np.ndarray]:
+    """Coder 3 (core/transform_coder.py) with band-weight slope and dead zone as given: (coded bits, latents)."""
+    with (
+        patch.object(tc, "WEIGHT_SLOPE", tc.WEIGHT_SLOPE if slope is None else slope),
+        patch.object(tc, "RHO", tc.RHO if rho is None else rho),
+    ):
+        s, off, sc, lev, w = tc.quantize(z, q)
+    return 8 * len(tc.encode_symbols(s, lev, w)), tc.dequantize(s, off, sc, lev, w, z.shape[1:])
+
+
+VARIANTS: dict[str, Callable[[np.ndarray, int, np.ndarray], Quantizer | tuple[int, np.ndarray]]] = {
     "base": base,
     **{f"rho {r:g}": partial(base, rho=r) for r in (0.2, 0.4, 0.5)},
     **{f"ed {s:g}": partial(error_diffused, strength=s) for s in (0.5, 1.0)},
     **{f"aq {a:g}": partial(adaptive, alpha=a) for a in (0.15, 0.3)},
+    "transform": transform,
+    **{f"transform slope {a:g}": partial(transform, slope=a) for a in (0.0, 1.0, 3.0)},
+    **{f"transform rho {r:g}": partial(transform, rho=r) for r in (0.2, 0.4)},
 }
 
 
@@ -201,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         for q in args.quality:
             vals = []
             for rgb, z in images:
-                symbols, zq = VARIANTS[name](z, q, rgb)
+                coded, zq = VARIANTS[name](z, q, rgb)
+                bits = coded if isinstance(coded, int) else coded_bits(coded)  # transform variants code themselves
                 with torch.inference_mode():
                     out = to_uint8(model.decode(torch.from_numpy(zq)[None]), rgb.shape[0], rgb.shape[1])
                 jod = metrics.jod(rgb, out) if args.jod else float("nan")
-                vals.append((coded_bits(symbols) / (rgb.shape[0] * rgb.shape[1]), rm.psnr(rgb, out), jod))
+                vals.append((bits / (rgb.shape[0] * rgb.shape[1]), rm.psnr(rgb, out), jod))
             m = np.mean(vals, axis=0)
             rows.append(m)
             print(f"| {name} | {q} | {m[0]:.4f} | {m[1]:.2f} | {m[2]:.3f} |", flush=True)

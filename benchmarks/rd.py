@@ -822,7 +822,9 @@ def summarize(res: dict[str, Any]) -> str:
 
     out += [
         "",
-        f"Coding efficiency of .sdl ({lab}, coder 2 'context'), bits per latent value summed over all images. "
+        f"Coding efficiency of .sdl ({lab}, the default method's coder: 3 'transform'; coder 2 'context' in "
+        "runs before 2026-12-01), bits per value of the coded array (transform: per DCT coefficient, the padded "
+        "planes) summed over all images. "
         "'own model': the ideal code length of the symbols under the coder's own probability model (categorical "
         "bins + uniform low parts and escapes); 'order-0': per-channel histogram entropy; 'context': empirical "
         "conditional entropy given the terciles of the left and top neighbours (9 contexts per channel), and the "
@@ -1173,8 +1175,9 @@ def write_docs(path: Path, out: Path) -> None:
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
-        "- Coding efficiency: `context_coder_stats` in benchmarks/rd_metrics.py re-runs the decoder's probability "
-        "model (pillow_sdlatent/core/context_coder.py) on the decoded symbols.",
+        "- Coding efficiency: `context_coder_stats` (coder 2) and `transform_coder_stats` (coder 3) in "
+        "benchmarks/rd_metrics.py re-run the coder's probability model (pillow_sdlatent/core/context_coder.py, "
+        "transform_coder.py) on the decoded symbols.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -23,6 +23,7 @@ from . import __version__
 from ._atomic import is_temp_name
 from .core import codec
 from .core.container import SIGNATURE, FormatError, read_chunk
+from .core.settings import METHODS
 
 SDL_SUFFIX = ".sdl"
 EXIT_FAILED = 1
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", metavar="EXT", help="output format by suffix: sdl (default for images), png "
                       "(default for .sdl), jpg, webp, ...")  # fmt: skip
     conv.add_argument("-q", "--quality", type=int, metavar="0-100", help="quality (default 75)")
-    conv.add_argument("--method", default="auto", choices=("auto", "scalar", "palette", "original"),
+    conv.add_argument("--method", default="auto", choices=METHODS,
                       help="quantizer (default auto)")  # fmt: skip
     conv.add_argument("--model", help="model spec: alias, hub id or folder (default: SDLATENT_MODEL, then the SD VAE)"
                       "; when decoding, overrides the model the file names (its fingerprint must match)")  # fmt: skip

@@ -107,10 +107,10 @@ def latents_for_file(
 ) -> tuple[np.ndarray, QuantSettings]:
     """The latents and settings to write for ``latents``, the encoder's output for ``rgb``.
 
-    Without refinement: unchanged. With ``refine`` steps and the context quantizer: refined through
-    that quantizer on the grid the encoder's latents choose, on the pixel error at several scales plus a
-    rate term, and the settings pinned to that grid (never a worse distortion + rate cost than the encoder's
-    latents: see :mod:`.models.refine`). With the other quantizers
+    Without refinement: unchanged. With ``refine`` steps and the context or transform quantizer: refined
+    through that quantizer on the grid (transform: steps and offsets) the encoder's latents choose, on the
+    pixel error at several scales plus a rate term, and the settings pinned to that grid (never a worse
+    distortion + rate cost than the encoder's latents: see :mod:`.models.refine`). With the other quantizers
     (their grids move with the latents): refined against the float decode, and the encoder's latents
     kept when those decode closer once quantized (:func:`best_quantized`).
     """

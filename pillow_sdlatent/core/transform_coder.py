@@ -69,6 +69,7 @@ def quality_to_step(quality: float) -> float:
     q = min(100.0, max(0.0, float(quality)))
     return cc.STEP0 * 2.0 ** ((cc.Q0 - q - QUALITY_SHIFT) / cc.QSTEP)
 
+
 Params = tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]  # per channel step, offset; 16 weights
 
 

@@ -3,7 +3,9 @@
 The encoder of an autoencoder is an amortised, approximate inverse of its
 decoder: the latents it gives are not the ones the decoder turns back into
 the closest image, and it knows nothing of the quantizer that follows. The
-writer knows the quantizer's grid before it writes (quality -> steps), so
+writer knows the quantizer's grid before it writes (quality -> steps; for the
+transform quantizer, :class:`TransformQuantizer`, the steps and offsets of its
+DCT coefficients), so
 refinement starts from the encoder's latents and takes Adam steps on the
 pixel error of ``decoder(quantize(latents))`` (:func:`distortion`: the MSE
 at full and coarser scales), with the straight-through gradient through the
