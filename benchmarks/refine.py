@@ -8,7 +8,8 @@ For each image and quality: bits per pixel of the .sdl file (as Image.save write
   the usual training stand-in for rounding (this script's own loop; not shipped);
 - ``quantizer``: refined through the quantizer (straight-through, best iterate) on the distortion (pixel MSE at
   full and ``POOLED_LEVELS`` (4) coarser scales) plus ``RATE_WEIGHT`` (0.04) times the rate proxy
-  ``step^2 * mean |latent/step - phase - centre|``: what ``refine=N`` does;
+  ``step^2 * mean |latent/step - phase - centre|`` (transform quantizer, the default: ``step^2 * mean
+  |coefficient/its step|`` over the AC coefficients): what ``refine=N`` does (``--method`` picks the save method);
 - ``rate K``: the same with the rate weight set to K (``rate 0``: no rate term, as before it);
 - ``pooled L, rate K`` (with ``--pooled-levels``): also with ``POOLED_LEVELS`` set to L, the coarser scales in
   the distortion (``pooled 0``: the pixel MSE alone, as before them).
@@ -72,6 +73,7 @@ def noise_loop(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--method", default="auto", help="save method of the files (auto = transform; context: coder 2)")
     ap.add_argument("--model", default=str(SHARED / "models" / "taesd"))
     ap.add_argument("--images", nargs="+", type=Path, help="image files (default: Kodak 1, 5, 9, 13, 17, 21)")
     ap.add_argument("--crop", type=int, help="top-left NxN crop of every image")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             noise = context_coder.quality_to_step(60) * w4
             zn = noise_loop(model, x, torch.from_numpy(z)[None], args.steps, 0.05, noise)[0].numpy()
         for q in args.quality:
-            s = settings_for(q, "auto", model.latent_channels)
+            s = settings_for(q, args.method, model.latent_channels)
             t0 = time.perf_counter()
             zq, sq = latents_for_file(model, rgb, z, s, args.steps) if "quantizer" in variants else (z, s)
             secs = time.perf_counter() - t0
