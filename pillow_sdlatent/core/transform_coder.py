@@ -54,7 +54,8 @@ ZIGZAG = (
 _A = float.fromhex("0x1.4e7ae9144f0fcp-1")  # sqrt(1/2) cos(pi/8)
 _B = float.fromhex("0x1.1517a7bdb3896p-2")  # sqrt(1/2) cos(3 pi/8)
 BASIS = np.array([[0.5, 0.5, 0.5, 0.5], [_A, _B, -_B, -_A], [0.5, -0.5, -0.5, 0.5], [_B, -_A, _A, -_B]])
-#: Step multiplier of band (u, v): 1 + WEIGHT_SLOPE * (u + v) / 6, stored in Q4 (benchmarks/transform.py sweeps it).
+#: Step multiplier of band (u, v): 1 + WEIGHT_SLOPE * (u + v) / 6, stored in Q4; measured against slopes 0, 1
+#: and 3 with benchmarks/quantizer_variants.py (docs/transform-coder.md).
 WEIGHT_SLOPE = 2.0
 #: Dead-zone rounding offset of the AC coefficients (the DC is rounded to nearest).
 RHO = 0.30
@@ -186,7 +187,8 @@ def _bands(nb: int) -> list[tuple[int, int]]:
     return list(ZIGZAG[:nb])
 
 
-def _dc_batches(dc: np.ndarray, c: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _dc_batches(dc: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The positions of the DC planes' four phases (coder 2's batches)."""
     hb, wb = dc.shape[1:]
     return [cc._phase_pos(hb, wb, k) for k in range(4)]
 
@@ -216,7 +218,7 @@ def encode_symbols(
     models: list[tuple[int, int]] = []
     for c in range(C):
         L = int(levels[c])
-        for k, (ys, xs) in enumerate(_dc_batches(DC, c)):
+        for k, (ys, xs) in enumerate(_dc_batches(DC)):
             if nb[c] == 0 or ys.size == 0 or xs.size == 0:
                 coefs.append(np.zeros(cc._nfeat(c, k), np.int8))
                 if nb[c]:
@@ -303,7 +305,7 @@ def decode_symbols(
                 continue
             L = int(levels[c])
             dcs = S[c, ::BLOCK, ::BLOCK]  # a view: decoded DC symbols land in S
-            for k, (ys, xs) in enumerate(_dc_batches(DC, c)):
+            for k, (ys, xs) in enumerate(_dc_batches(DC)):
                 if ys.size == 0 or xs.size == 0:
                     m += 1
                     continue
