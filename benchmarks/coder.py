@@ -43,10 +43,9 @@ def order0_bits(symbols: np.ndarray) -> float:
 
 
 def stream_header_bytes(channels: int, data: bytes) -> int:
+    if data[:3] == b"ST1":
+        return transform_coder.header_size(data, channels)
     coefficients = sum(context_coder._nfeat(c, k) for c in range(channels) for k in range(4))
-    if data[:3] == b"ST1":  # coder 3: weights, band counts, then two bytes per model (4 for DC + 1 per AC band)
-        nb = data[19 : 19 + channels]
-        return 3 + 16 + channels + coefficients + 2 * sum(n + 3 for n in nb if n) + 4
     return 3 + 2 * channels + coefficients + 8 * channels + 4
 
 

@@ -306,11 +306,7 @@ def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tupl
     if again != ldat:
         raise RuntimeError("re-encoding the decoded coefficients did not give the file's LDAT")
     s_all = np.asarray(symbols).astype(np.int64)
-    nb = ldat[3 + 16 : 3 + 16 + s_all.shape[0]]
-    from pillow_sdlatent.core import context_coder as cc
-
-    nco = sum(cc._nfeat(c, k) for c in range(s_all.shape[0]) for k in range(4))
-    hlen = 3 + 16 + len(nb) + nco + 2 * sum(n + 3 if n else 0 for n in nb) + 4
+    hlen = tc.header_size(ldat, s_all.shape[0])
     n_ch = s_all.shape[0]
     bands = sum(_entropy_bits(s_all[c, u::4, v::4].ravel()) for c in range(n_ch) for u in range(4) for v in range(4))
     return {

@@ -246,6 +246,18 @@ def encode_symbols(
     return bytes(head) + enc.get_compressed().astype("<u4").tobytes()
 
 
+def _header_size(nb: Sequence[int]) -> int:
+    """Bytes of a stream's fixed part (everything before the range coder's words) for band counts ``nb``."""
+    C = len(nb)
+    nco = sum(cc._nfeat(c, k) for c in range(C) for k in range(4))
+    return 3 + BLOCK * BLOCK + C + nco + 2 * sum(n + 3 for n in nb if n) + 4
+
+
+def header_size(data: bytes, channels: int) -> int:
+    """Bytes of the stream header of ``data`` (a stream of ``channels`` channels), words excluded."""
+    return _header_size(list(data[3 + BLOCK * BLOCK : 3 + BLOCK * BLOCK + channels]))
+
+
 def decode_symbols(
     data: bytes, shape: Sequence[int], levels: Sequence[int] | np.ndarray
 ) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -269,9 +281,8 @@ def decode_symbols(
     nb = list(data[3 + BLOCK * BLOCK : fixed])
     if max(nb) > BLOCK * BLOCK:
         raise ValueError("more than 16 bands in a channel")
-    nco = sum(cc._nfeat(c, k) for c in range(C) for k in range(4))
     nmodels = sum(n + 3 if n else 0 for n in nb)
-    hlen = fixed + nco + 2 * nmodels + 4
+    hlen = _header_size(nb)
     if len(data) < hlen or (len(data) - hlen) % 4:
         raise ValueError("bad stream length")
     # a forged header must not make a few bytes decode into millions of symbols (spec section 10)
