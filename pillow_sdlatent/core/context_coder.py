@@ -79,6 +79,15 @@ def quality_to_step(quality: float) -> float:
 Grid = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # per channel: step, phase, dead-zone centre
 
 
+def channel_multipliers(channels: int, channel_weights: Sequence[float] | None = None) -> list[float]:
+    """Step multiplier of each channel: ``channel_weights``, else CH_WEIGHT, else CH_WEIGHT_4 for 4 channels,
+    else 1 (channels beyond the weights given: 1)."""
+    cw = channel_weights if channel_weights is not None else CH_WEIGHT
+    if cw is None and channels == 4:
+        cw = CH_WEIGHT_4
+    return [float(cw[c]) if cw is not None and c < len(cw) else 1.0 for c in range(channels)]
+
+
 def grid(latents: np.ndarray, quality: float, channel_weights: Sequence[float] | None = None) -> Grid:
     """The quantizer's per-channel grid for these latents: (step D_c, phase phi_c, dead-zone centre m_c).
 
@@ -89,12 +98,10 @@ def grid(latents: np.ndarray, quality: float, channel_weights: Sequence[float] |
         raise ValueError("latents must be (C,h,w)")
     C = z.shape[0]
     step = quality_to_step(quality)
-    cw = channel_weights if channel_weights is not None else CH_WEIGHT
-    if cw is None and C == 4:
-        cw = CH_WEIGHT_4
+    mult = channel_multipliers(C, channel_weights)
     steps, phases, centres = [], [], []
     for c in range(C):
-        d = step * (float(cw[c]) if cw is not None and c < len(cw) else 1.0)
+        d = step * mult[c]
         zc = np.nan_to_num(z[c].astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
         while True:
             # grid phase: choose phi in {0,1/NPHASE,..} (units of the step) minimising the squared error

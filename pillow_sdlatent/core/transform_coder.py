@@ -122,10 +122,7 @@ def params(latents: np.ndarray, quality: float, channel_weights: Sequence[float]
         raise ValueError("latents must be (C,h,w)")
     C = z.shape[0]
     step = quality_to_step(quality)
-    cw = channel_weights if channel_weights is not None else cc.CH_WEIGHT
-    if cw is None and C == 4:
-        cw = cc.CH_WEIGHT_4
-    steps = tuple(float(np.float32(step * (float(cw[c]) if cw is not None and c < len(cw) else 1.0))) for c in range(C))
+    steps = tuple(float(np.float32(step * m)) for m in cc.channel_multipliers(C, channel_weights))
     zc = np.nan_to_num(z.astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
     offsets = tuple(float(np.float32(zc[c].mean())) for c in range(C))
     return steps, offsets, default_weights()
