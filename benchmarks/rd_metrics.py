@@ -254,12 +254,7 @@ def context_coder_stats(symbols: np.ndarray, levels: np.ndarray, ldat: bytes) ->
     p = 3
     mu = np.frombuffer(ldat, "<u2", n_ch, p).astype(np.int64)
     p += 2 * n_ch
-    coefs = []
-    for c in range(n_ch):
-        for k in range(4):
-            n = cc._nfeat(c, k)
-            coefs.append(np.frombuffer(ldat, np.int8, n, p))
-            p += n
+    coefs, p = cc.read_coefficients(ldat, n_ch, p)
     params = [struct.unpack_from("BB", ldat, p + 2 * i) for i in range(4 * n_ch)]
     dall = s_all - mu[:, None, None]
     ideal = cat_bits = res_bits = 0.0

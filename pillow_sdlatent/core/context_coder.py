@@ -51,9 +51,10 @@ STREAM  encode_symbols(symbols, levels) -> bytes.  All integers little endian.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import constriction
 import numpy as np
@@ -474,26 +475,15 @@ def decode_symbols(data: bytes, shape: Sequence[int], levels: Sequence[int] | np
     p += 2 * C
     if (mu >= levels).any():
         raise ValueError("bad centre")
-    coefs = []
-    for c in range(C):
-        for k in range(4):
-            n = _nfeat(c, k)
-            coefs.append(np.frombuffer(data, np.int8, n, p))
-            p += n
-    params = []
-    for _i in range(4 * C):
-        sh, shape = data[p], data[p + 1]
-        p += 2
-        if sh > 16 or shape >= NSHAPE:
-            raise ValueError("bad model parameters")
-        params.append((sh, shape))
+    coefs, p = read_coefficients(data, C, p)
+    params, p = read_models(data, 4 * C, p)
     crc = struct.unpack_from("<I", data, p)[0]
     p += 4
     words = np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32)
     dec = constriction.stream.queue.RangeDecoder(words)
     S = np.zeros((C, h, w), np.int64)
     Dall = np.zeros((C, h, w), np.int64)
-    try:
+    with stream_errors():
         for c in range(C):
             L = int(levels[c])
             for k in range(4):
@@ -509,10 +499,46 @@ def decode_symbols(data: bytes, shape: Sequence[int], levels: Sequence[int] | np
                 s2 = s.reshape(ys.size, xs.size)
                 S[c][np.ix_(ys, xs)] = s2
                 Dall[c][np.ix_(ys, xs)] = s2 - mu[c]
+    return checked(S, crc)
+
+
+# ---------------- stream parts shared with coder 3 (core/transform_coder.py) -----------------
+def read_coefficients(data: bytes, C: int, p: int) -> tuple[list[np.ndarray], int]:
+    """The int8 predictor coefficients of batches (c, k), c < C, k < 4, from offset ``p``; and the next offset."""
+    coefs = []
+    for c in range(C):
+        for k in range(4):
+            n = _nfeat(c, k)
+            coefs.append(np.frombuffer(data, np.int8, n, p))
+            p += n
+    return coefs, p
+
+
+def read_models(data: bytes, count: int, p: int) -> tuple[list[tuple[int, int]], int]:
+    """``count`` (sh, shape) byte pairs from offset ``p``, each checked; and the next offset."""
+    models = []
+    for _ in range(count):
+        sh, shape = data[p], data[p + 1]
+        p += 2
+        if sh > 16 or shape >= NSHAPE:
+            raise ValueError("bad model parameters")
+        models.append((sh, shape))
+    return models, p
+
+
+@contextlib.contextmanager
+def stream_errors() -> Iterator[None]:
+    """Inside: the range decoder's own errors on garbage become ValueError (ValueErrors pass unchanged)."""
+    try:
+        yield
     except ValueError:
         raise
     except Exception as ex:  # constriction errors on garbage
         raise ValueError(f"corrupt stream: {ex}") from ex
+
+
+def checked(S: np.ndarray, crc: int) -> np.ndarray:
+    """The decoded symbols as uint16 once their CRC-32 (u16 little endian, C-order) matches ``crc``."""
     out = S.astype(np.uint16)
     if zlib.crc32(out.astype("<u2").tobytes()) != crc:
         raise ValueError("CRC mismatch (corrupt stream)")

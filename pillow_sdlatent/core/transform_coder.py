@@ -286,20 +286,8 @@ def decode_symbols(
     coded = sum(H * W * len(_bands(n)) // (BLOCK * BLOCK) for n in nb)
     if coded > cc.symbol_limit(len(data) - hlen):
         raise ValueError(f"{coded} coefficients cannot come from a {len(data) - hlen}-byte range-coded payload")
-    p = fixed
-    coefs = []
-    for c in range(C):
-        for k in range(4):
-            n = cc._nfeat(c, k)
-            coefs.append(np.frombuffer(data, np.int8, n, p))
-            p += n
-    models = []
-    for _ in range(nmodels):
-        sh, shp = data[p], data[p + 1]
-        p += 2
-        if sh > 16 or shp >= cc.NSHAPE:
-            raise ValueError("bad model parameters")
-        models.append((sh, shp))
+    coefs, p = cc.read_coefficients(data, C, fixed)
+    models, p = cc.read_models(data, nmodels, p)
     crc = struct.unpack_from("<I", data, p)[0]
     p += 4
     dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32))
@@ -307,7 +295,7 @@ def decode_symbols(
     S = np.repeat(zero, H * W).reshape(C, H, W)
     DC = np.zeros((C, H // BLOCK, W // BLOCK), np.int64)
     m = 0
-    try:
+    with cc.stream_errors():
         for c in range(C):
             if nb[c] == 0:
                 continue
@@ -329,11 +317,4 @@ def decode_symbols(
                 s = cc.decode_batch(dec, np.full(n, zero[c]), L, *models[m])
                 m += 1
                 S[c, u::BLOCK, v::BLOCK] = s.reshape(H // BLOCK, W // BLOCK)
-    except ValueError:
-        raise
-    except Exception as ex:  # constriction errors on garbage
-        raise ValueError(f"corrupt stream: {ex}") from ex
-    out = S.astype(np.uint16)
-    if zlib.crc32(out.astype("<u2").tobytes()) != crc:
-        raise ValueError("CRC mismatch (corrupt stream)")
-    return out, weights
+    return cc.checked(S, crc), weights
