@@ -43,7 +43,7 @@ def order0_bits(symbols: np.ndarray) -> float:
 
 
 def stream_header_bytes(channels: int, data: bytes) -> int:
-    if data[:3] == b"ST1":
+    if data[:2] == b"ST":
         return transform_coder.header_size(data, channels)
     coefficients = sum(context_coder._nfeat(c, k) for c in range(channels) for k in range(4))
     return 3 + 2 * channels + coefficients + 8 * channels + 4

@@ -435,11 +435,14 @@ def process_image(path: Path) -> ImageResult:
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
         return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
 
+    from pillow_sdlatent.core import transform_coder
+
     budgets: dict[int, int] = {}
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
         rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
-        rtag += f"|{settings_for(q, 'auto', model.latent_channels).coder}"  # the method "auto" stands for
+        coder = settings_for(q, "auto", model.latent_channels).coder  # the method "auto" stands for
+        rtag += f"|{coder}" + (f"-st{transform_coder.STREAM_VERSION}" if coder == "transform" else "")
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)

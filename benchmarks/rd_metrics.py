@@ -292,12 +292,13 @@ def context_coder_stats(symbols: np.ndarray, levels: np.ndarray, ldat: bytes) ->
 def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tuple[int, ...], ldat: bytes) -> dict:
     """:func:`context_coder_stats` for a stream of coder 3 (transform): its own model's ideal code length,
     from re-encoding the decoded coefficient symbols (the encoder is deterministic: the same stream, whose
-    ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes);
+    ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes,
+    in stream version 2 the range-coded parameters' too);
     'residual_order0_bits' is the order-0 entropy of each band (the DC bands' after prediction not counted)."""
     from pillow_sdlatent.core import transform_coder as tc
 
     costs: list[float] = []
-    again = tc.encode_symbols(symbols, levels, weights, costs)
+    again = tc.encode_symbols(symbols, levels, weights, costs, version=1 if ldat[:3] == tc.MAGICS[1] else 2)
     if again != ldat:
         raise RuntimeError("re-encoding the decoded coefficients did not give the file's LDAT")
     s_all = np.asarray(symbols).astype(np.int64)

@@ -4,16 +4,22 @@ Each ``NAME.sdl`` decodes, by the rules of sdl-v1.md alone, to the float32
 latents in ``NAME.latents.npy`` (and ``NAME.alpha.npy`` where the mode has
 alpha). The files are committed: a reader proves itself by decoding them, not
 by regenerating them (zstd's encoder output may change between versions).
+
+Vectors of streams no writer writes any more stay as committed and are not listed here:
+``transform-st1-rgb`` and ``transform-st1-l-c16`` are the ``transform-*`` vectors as coder 3's stream
+version 1 (b"ST1") wrote them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from pillow_sdlatent.core import transform_coder
 from pillow_sdlatent.core.codec import build_chunks, decode_bytes, quantize
 from pillow_sdlatent.core.container import write_chunks
 from pillow_sdlatent.core.header import Header
@@ -45,6 +51,8 @@ VECTORS = {
     "transform-rgb": (120, 72, "RGB", 4, QuantSettings("transform", coder="transform", quality=75)),
     "transform-l-c16": (33, 41, "L", 16, QuantSettings("transform", coder="transform", quality=20)),
 }
+#: Band weights instead of the quantizer's own (no weight code gives them: the stream stores all 16).
+WEIGHTS = {"transform-l-c16": tuple(16 + 3 * u + 5 * v for u in range(4) for v in range(4))}
 
 
 def main(only: set[str] | None = None) -> None:
@@ -54,7 +62,11 @@ def main(only: set[str] | None = None) -> None:
         if only is not None and name not in only:
             continue
         shape = (c, -(-h // 8), -(-w // 8))
-        fields, payload, palette = quantize(latents(i, shape), settings)
+        z = latents(i, shape)
+        if name in WEIGHTS:
+            steps, offsets, _ = transform_coder.params(z, settings.quality)
+            settings = replace(settings, grid=(steps, offsets, WEIGHTS[name]))
+        fields, payload, palette = quantize(z, settings)
         header = Header(
             width=w,
             height=h,

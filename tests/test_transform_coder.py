@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import struct
 
+import constriction
 import numpy as np
 import pytest
 
+from pillow_sdlatent.core import context_coder as cc
 from pillow_sdlatent.core import transform_coder as tc
 from pillow_sdlatent.core.codec import build_chunks, decode_bytes, quantize, read_body, read_head
 from pillow_sdlatent.core.container import FormatError, write_chunks
@@ -61,15 +63,52 @@ def test_dequantize_matches_the_spec_formula_bit_for_bit() -> None:
 
 @pytest.mark.parametrize(("shape", "quality"), [((4, 8, 12), 75), ((4, 9, 15), 40), ((1, 1, 1), 60), ((16, 6, 5), 20),
                                                  ((3, 13, 4), 100), ((4, 24, 16), 0)])  # fmt: skip
-def test_stream_round_trip(shape: tuple[int, int, int], quality: int) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_stream_round_trip(shape: tuple[int, int, int], quality: int, version: int) -> None:
     z = smooth_latents(sum(shape) + quality, shape)
     symbols, _, _, levels, weights = tc.quantize(z, quality)
     assert symbols.shape == (shape[0], *tc.coefficient_shape(*shape[1:]))
     costs: list[float] = []
-    data = tc.encode_symbols(symbols, levels, weights, costs)
+    data = tc.encode_symbols(symbols, levels, weights, costs, version=version)
+    assert data[:3] == tc.MAGICS[version]
     back, w2 = tc.decode_symbols(data, symbols.shape, levels)
     assert back.tobytes() == symbols.tobytes() and w2 == weights
     assert 8 * len(data) >= sum(costs)  # the coder cannot beat its own model's ideal code length
+
+
+def test_version_2_codes_the_parameters_in_fewer_bytes() -> None:
+    z = smooth_latents(10, (4, 24, 32))
+    for q in (30, 60):
+        s, _, _, lev, w = tc.quantize(z, q)
+        v1, v2 = (tc.encode_symbols(s, lev, w, version=v) for v in (1, 2))
+        assert tc.header_size(v2, 4) == 3 + 1 + 4 + 4  # the default weights travel as one code byte
+        models = sum(n + 3 for n in tc.band_counts(v2, 4) if n)
+        assert len(v1) - len(v2) > models + 15, (q, len(v1), len(v2))  # > 1 of 2 bytes per model, 15 of weights
+
+
+def test_weight_codes() -> None:
+    assert tc.weight_code(tc.default_weights()) == 32 and tc.weights_of_code(32) == tc.default_weights()
+    assert tc.weights_of_code(0) == (16,) * 16
+    assert tc.weights_of_code(254)[-1] == 255  # capped
+    odd = tuple(16 + 3 * u + 5 * v for u in range(4) for v in range(4))
+    assert tc.weight_code(odd) == tc.EXPLICIT_WEIGHTS
+    s, _, _, lev, _ = tc.quantize(smooth_latents(11, (2, 8, 8)), 60)
+    data = tc.encode_symbols(s, lev, odd)
+    assert data[3] == tc.EXPLICIT_WEIGHTS and tc.header_size(data, 2) == 3 + 1 + 16 + 2 + 4
+    assert tc.decode_symbols(data, s.shape, lev)[1] == odd
+
+
+def test_shape_order_is_the_spec_table() -> None:
+    # spec section 5.2 lists the order; both families interleave by the weight of the centre bin
+    assert tc.SHAPE_ORDER[:12] == (0, 38, 1, 39, 2, 40, 3, 41, 4, 42, 5, 43)
+    assert tc.SHAPE_ORDER[-16:] == tuple(range(60, 76))
+    assert sorted(tc.SHAPE_ORDER) == list(range(76)) and all(tc.SHAPE_ORDER[tc.RANK[s]] == s for s in range(76))
+
+
+def test_model_references() -> None:
+    # channel 0: 4 DC models (phase 0 has none), bands 1, 2; channel 1 empty; channel 2: DC, band 1
+    assert tc.model_references([3, 0, 2]) == [-1, 0, 1, 2, 3, 4, 0, 6, 7, 8, 4]
+    assert tc.model_references([1, 2]) == [-1, 0, 1, 2, 0, 4, 5, 6, 7]
 
 
 def test_quantization_error_shrinks_with_quality_and_high_bands_empty_out() -> None:
@@ -79,7 +118,7 @@ def test_quantization_error_shrinks_with_quality_and_high_bands_empty_out() -> N
         s, off, sc, lev, w = tc.quantize(z, q)
         errs.append(float(np.sqrt(((tc.dequantize(s, off, sc, lev, w, (16, 16)) - z) ** 2).mean())))
         data = tc.encode_symbols(s, lev, w)
-        coded.append(sum(data[3 + 16 : 3 + 16 + 4]))  # nb[c]: bands coded per channel
+        coded.append(sum(tc.band_counts(data, 4)))  # bands coded per channel
     assert errs == sorted(errs, reverse=True) and errs[-1] < 0.05
     assert coded[0] < coded[-1] == 64
 
@@ -95,7 +134,7 @@ def test_constant_channel_codes_no_band() -> None:
     z[1] = smooth_latents(4, (1, 8, 8))[0]
     s, off, sc, lev, w = tc.quantize(z, 60)
     data = tc.encode_symbols(s, lev, w)
-    assert data[3 + 16] == 0 and data[3 + 17] > 0  # nb: channel 0 has nothing to code
+    assert tc.band_counts(data, 2)[0] == 0 and tc.band_counts(data, 2)[1] > 0  # channel 0 has nothing to code
     back, _ = tc.decode_symbols(data, s.shape, lev)
     assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8))[0], z[0])
 
@@ -156,8 +195,9 @@ def _with_ldat(data: bytes, payload: bytes) -> bytes:
     ("edit", "message"),
     [
         (lambda p: b"XX1" + p[3:], "bad stream header"),
-        (lambda p: p[:3] + b"\x00" + p[4:], "band weight 0"),
-        (lambda p: p[:19] + b"\x11" + p[20:], "more than 16 bands"),
+        (lambda p: b"ST3" + p[3:], "bad stream header"),
+        (lambda p: p[:3] + b"\xff" + bytes(16) + p[4:], "band weight 0"),
+        (lambda p: p[:4] + b"\x11" + p[5:], "more than 16 bands"),
         (lambda p: p[:-4], "CRC mismatch|corrupt|out of range|cannot come from"),
         (lambda p: p[:-8] + bytes(8), "CRC mismatch|corrupt|out of range"),
         (lambda p: p[:-1], "bad stream length"),
@@ -171,10 +211,23 @@ def test_corrupt_streams_are_rejected(edit, message: str) -> None:
 
 
 def test_forged_band_count_cannot_inflate_a_tiny_payload() -> None:
-    # one channel, 16 bands: 5 DC coefficients, 19 models, the CRC, then a single word of payload
+    # one channel, 16 bands; version 1: 5 DC coefficients, 19 models, the CRC, then a single word of payload
     with pytest.raises(ValueError, match="cannot come from"):
         tc.decode_symbols(b"ST1" + bytes([16] * 16) + bytes([16]) + bytes(5 + 2 * 19 + 4) + bytes(4),
                           (1, 4096, 4096), [3])  # fmt: skip
+    with pytest.raises(ValueError, match="cannot come from"):
+        tc.decode_symbols(b"ST2" + bytes([32, 16]) + bytes(4) + bytes(4), (1, 4096, 4096), [3])
+
+
+def test_model_out_of_range_is_rejected() -> None:
+    # a version-2 stream whose first model's rank change (-1) leaves the table: one channel, DC only
+    enc = constriction.stream.queue.RangeEncoder()
+    cc.encode_batch(enc, np.zeros(5, np.int64), np.full(5, 128), 256, *tc.COEF_MODEL)
+    cc.encode_batch(enc, np.zeros(4, np.int64), np.full(4, 16), 33, *tc.SHIFT_MODEL)
+    cc.encode_batch(enc, np.array([-1, 0, 0, 0]), np.full(4, 75), 151, *tc.RANK_MODEL)
+    data = b"ST2" + bytes([32, 1]) + bytes(4) + enc.get_compressed().astype("<u4").tobytes()
+    with pytest.raises(ValueError, match="bad model parameters"):
+        tc.decode_symbols(data, (1, 4, 4), [3])
 
 
 def test_truncated_file_in_tolerant_mode_decodes_to_channel_offsets() -> None:

@@ -335,24 +335,27 @@ def _choose_model(r: np.ndarray, L: int) -> tuple[int, int]:
     return model_bits(r, L)[1:]
 
 
-def model_bits(r: np.ndarray, L: int) -> tuple[float, int, int]:
-    """(ideal bits, sh, shape) of the (sh, shape) that codes residuals ``r`` in the fewest bits (encoder only;
-    the batch's two header bytes not counted)."""
-    best = None
+def model_costs(r: np.ndarray, L: int) -> np.ndarray:
+    """(17, NSHAPE) ideal bits of residuals ``r`` under every model (sh, shape), the batch's parameters not
+    counted; inf for the shifts a batch of alphabet ``L`` never uses (encoder only)."""
+    out = np.full((17, NSHAPE), np.inf)
     for sh in range(0, 17):
         if sh > 0 and (1 << sh) > 2 * L:
             break
         hh = r >> sh
         b = np.clip(hh + R + 1, 0, NB - 1)
         cnt = np.bincount(b, minlength=NB).astype(np.float64)
-        bits = -(LOG2P @ cnt)  # (NSHAPE,)
         esc = cnt[0] + cnt[-1]
-        Eb = np.log2(max(2, (L >> sh) + 2))
-        tot = bits + r.size * sh + esc * Eb
-        j = int(np.argmin(tot))
-        if best is None or tot[j] < best[0]:
-            best = (float(tot[j]), sh, j)
-    return best
+        out[sh] = -(LOG2P @ cnt) + r.size * sh + esc * np.log2(max(2, (L >> sh) + 2))
+    return out
+
+
+def model_bits(r: np.ndarray, L: int) -> tuple[float, int, int]:
+    """(ideal bits, sh, shape) of the (sh, shape) that codes residuals ``r`` in the fewest bits (encoder only;
+    the batch's two header bytes not counted; ties go to the smaller sh, then the smaller shape)."""
+    t = model_costs(r, L)
+    sh, j = np.unravel_index(int(np.argmin(t)), t.shape)
+    return float(t[sh, j]), int(sh), int(j)
 
 
 def fit_predictor(

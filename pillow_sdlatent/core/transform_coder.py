@@ -21,13 +21,17 @@ DEQUANTIZE  (float64 throughout, every operation IEEE rounded, no fused multiply
   T: the orthonormal 4-point DCT-II, T[k][n] = c_k cos((2n + 1) k pi / 8): rows (1/2, 1/2, 1/2, 1/2),
   (A, B, -B, -A), (1/2, -1/2, -1/2, 1/2), (B, -A, A, -B) with the binary64 constants A, B below.
 
-STREAM  encode_symbols(symbols, levels, weights) -> bytes; integers little endian.
-  b"ST1"; 16 x u8 weight[u][v] (row-major, 1..255, step multiplier in Q4);
-  C x u8 nb[c] (0..16): bands of channel c coded, in ZIGZAG order; the others are all zero (S = Z_c);
-  DC predictor: for c, k in 0..3: NF(c, k) x i8 coefficients (coder 2's features on the DC planes);
-  for c, for band i < nb[c]: u8 sh, u8 shape (band 0, the DC plane: four, one per phase k);
-  u32 crc32 of the symbols (u16 little endian, C-order); the RangeEncoder payload (u32 words).
-  Order: channel c = 0..C-1, then its bands in ZIGZAG order.  Band 0 (DC, plane S[c][0::4][0::4]) is coded
+STREAM  encode_symbols(symbols, levels, weights) -> bytes; integers little endian; two versions (magic).
+  Version 2, b"ST2" (written): u8 weight code w (0..254: weight[u][v] = min(255, 16 + (2w(u+v) + 6) // 12);
+  255: 16 x u8 weights follow); C x u8 nb[c] (0..16): bands of channel c coded, in ZIGZAG order, the others
+  all zero (S = Z_c); u32 crc32 of the symbols (u16 little endian, C-order); the RangeEncoder payload (u32
+  words): first three parameter batches with fixed models (COEF_MODEL, SHIFT_MODEL, RANK_MODEL): the DC
+  predictor coefficients (coder 2's features on the DC planes) of the coded channels, + 128; then for every
+  model in coding order its change of sh and of shape rank (SHAPE_ORDER) against its reference model
+  (model_references); then the bands.
+  Version 1, b"ST1" (read only): 16 x u8 weights; nb; NF(c, k) x i8 DC predictor coefficients for every c, k;
+  for c, for band i < nb[c]: u8 sh, u8 shape (band 0, the DC plane: four, one per phase k); crc; the words.
+  Band order: channel c = 0..C-1, then its bands in ZIGZAG order.  Band 0 (DC, plane S[c][0::4][0::4]) is coded
   exactly as coder 2 codes a channel (four phases, linear prediction from decoded DC neighbours and the DC
   planes of up to 3 previous channels, centre mu = Z_c; only channels with nb[c] >= 1 count as decoded, the
   others are Z_c).  Band (u, v) != (0, 0), plane S[c][u::4][v::4] in row-major order, is one batch with
@@ -190,13 +194,108 @@ def _dc_batches(dc: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return [cc._phase_pos(hb, wb, k) for k in range(4)]
 
 
+# ---------------- stream version 2: the header's parameters range-coded -----------------
+#: Stream magics by version. Version 1 (b"ST1") stored every band model in two bytes, 12-22% of a small
+#: file; version 2 (b"ST2", what the writer writes) range-codes the parameters. Readers decode both.
+MAGICS = {1: b"ST1", 2: b"ST2"}
+STREAM_VERSION = 2
+#: Weight code of a version-2 stream that says 16 explicit weight bytes follow.
+EXPLICIT_WEIGHTS = 255
+#: Fixed models (sh, shape) of the version-2 parameter batches, fitted once to the parameters of the Kodak
+#: streams at qualities 30..75 (TAESD): DC predictor coefficients, shift changes, shape-rank changes.
+COEF_MODEL = (3, 18)
+SHIFT_MODEL = (0, 41)
+RANK_MODEL = (0, 52)
+_SHIFT_L, _RANK_L = 33, 2 * cc.NSHAPE - 1
+
+
+def _shape_order() -> tuple[int, ...]:
+    """The shapes by decreasing centre-bin weight TABLE[s][R+1] / sum(TABLE[s]) (exact rationals, ties by the
+    smaller index): neighbouring ranks are models of similar spread, Gaussian and Laplace interleaved."""
+    from fractions import Fraction
+
+    key = [Fraction(int(cc.TABLE[s, cc.R + 1]), int(cc.TABLE[s].sum())) for s in range(cc.NSHAPE)]
+    return tuple(sorted(range(cc.NSHAPE), key=lambda s: (-key[s], s)))
+
+
+SHAPE_ORDER = _shape_order()
+RANK = tuple(SHAPE_ORDER.index(s) for s in range(cc.NSHAPE))
+
+
+def weights_of_code(code: int) -> tuple[int, ...]:
+    """The band weights of weight code 0..254: 16 + round(code * (u + v) / 6), at most 255 (code = 16 x slope)."""
+    return tuple(min(255, 16 + (2 * code * (u + v) + 6) // 12) for u in range(BLOCK) for v in range(BLOCK))
+
+
+def weight_code(weights: Sequence[int]) -> int:
+    """The code of these weights, or EXPLICIT_WEIGHTS when no code gives them."""
+    w = tuple(int(v) for v in weights)
+    return next((k for k in range(EXPLICIT_WEIGHTS) if weights_of_code(k) == w), EXPLICIT_WEIGHTS)
+
+
+def model_references(nb: Sequence[int]) -> list[int]:
+    """For each model of a stream in coding order, the index of the model it is coded against (-1: none,
+    i.e. sh 0 and rank 0): DC phase 0 against the previous coded channel's, phase k against phase k - 1, band 1
+    against the previous coded channel's band 1 (else this channel's phase 3), band i against band i - 1."""
+    refs: list[int] = []
+    prev: int | None = None  # index of the previous coded channel's first model
+    for c in range(len(nb)):
+        if not nb[c]:
+            continue
+        first = len(refs)
+        refs += [prev if prev is not None else -1, first, first + 1, first + 2]
+        if nb[c] > 1:
+            refs.append(prev + 4 if prev is not None and nb[_prev_coded(nb, c)] > 1 else first + 3)
+            refs += [first + 4 + i for i in range(nb[c] - 2)]
+        prev = first
+    return refs
+
+
+def _prev_coded(nb: Sequence[int], c: int) -> int:
+    return max(k for k in range(c) if nb[k])
+
+
+def _delta_costs(model: tuple[int, int], L: int) -> np.ndarray:
+    """Ideal bits of every change d = -(L-1)/2..(L-1)/2 (index d + (L-1)/2) under a parameter model."""
+    mid = (L - 1) // 2
+    r = np.arange(L, dtype=np.int64) - mid
+    pred = np.full(L, mid, np.int64)
+    sh, shape = model
+    b = np.clip((r >> sh) + cc.R + 1, 0, cc.NB - 1)
+    bits = -np.log2(cc.model_probabilities(cc._bin_weights(shape, pred, sh, L), b)) + sh
+    return bits + np.where((b == 0) | (b == cc.NB - 1), np.log2(max(2, (L >> sh) + 2)), 0.0)
+
+
+_SHIFT_COST = _delta_costs(SHIFT_MODEL, _SHIFT_L)
+_RANK_COST = _delta_costs(RANK_MODEL, _RANK_L)
+_RANK_ARR = np.array(RANK, np.int64)
+
+
+def _choose_model(r: np.ndarray, L: int, ref: tuple[int, int] | None) -> tuple[int, int]:
+    """The model of a batch: fewest bits of residuals plus, in version 2 (``ref`` = the reference model), of
+    the model's own change against its reference."""
+    t = cc.model_costs(r, L)
+    if ref is not None:
+        rsh, rshape = ref
+        t = t + _SHIFT_COST[np.arange(17) - rsh + 16][:, None] + _RANK_COST[_RANK_ARR - RANK[rshape] + cc.NSHAPE - 1]
+    sh, shape = np.unravel_index(int(np.argmin(t)), t.shape)
+    return int(sh), int(shape)
+
+
 def encode_symbols(
-    symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weights: Sequence[int], costs: list[float] | None = None
+    symbols: np.ndarray,
+    levels: Sequence[int] | np.ndarray,
+    weights: Sequence[int],
+    costs: list[float] | None = None,
+    version: int = STREAM_VERSION,
 ) -> bytes:
     """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` (odd sizes: the zero
-    coefficient is the middle symbol) and band weights; ``costs`` receives the ideal bits of every batch."""
+    coefficient is the middle symbol) and band weights; ``costs`` receives the ideal bits of every batch.
+    ``version`` 1 writes the older layout (kept for the spec's vectors and comparisons)."""
     symbols, levels = cc._check(symbols, levels)
     C, H, W = symbols.shape
+    if version not in MAGICS:
+        raise ValueError(f"unknown stream version {version}")
     if H % BLOCK or W % BLOCK:
         raise ValueError(f"coefficient planes must be multiples of {BLOCK}, got {H}x{W}")
     if len(weights) != BLOCK * BLOCK or not all(1 <= int(v) <= 255 for v in weights):
@@ -209,56 +308,131 @@ def encode_symbols(
     for c in range(C):
         nz = [i for i, (u, v) in enumerate(ZIGZAG) if (S[c, u::BLOCK, v::BLOCK] != zero[c]).any()]
         nb.append(nz[-1] + 1 if nz else 0)
+    refs = model_references(nb) if version == 2 else None
     DC = S[:, ::BLOCK, ::BLOCK] - zero[:, None, None]
-    enc = constriction.stream.queue.RangeEncoder()
     coefs: list[np.ndarray] = []
     models: list[tuple[int, int]] = []
+    batches: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # (residuals, predictions, L, model index)
+
+    def choose(r: np.ndarray, L: int) -> None:
+        ref = None if refs is None else (models[refs[len(models)]] if refs[len(models)] >= 0 else (0, 0))
+        models.append(_choose_model(r, L, ref) if r.size else (ref or (0, 0)))
+
     for c in range(C):
         L = int(levels[c])
         for k, (ys, xs) in enumerate(_dc_batches(DC)):
             if nb[c] == 0 or ys.size == 0 or xs.size == 0:
                 coefs.append(np.zeros(cc._nfeat(c, k), np.int8))
                 if nb[c]:
-                    models.append((0, 0))
+                    choose(np.zeros(0, np.int64), L)  # a placeholder: no symbols
                 continue
             a, pred = cc.fit_predictor(DC, c, k, ys, xs, int(zero[c]), L)
             r = S[c, ::BLOCK, ::BLOCK][np.ix_(ys, xs)].ravel() - pred
-            sh, shape = cc.model_bits(r, L)[1:]
             coefs.append(a)
-            models.append((sh, shape))
-            cc.encode_batch(enc, r, pred, L, sh, shape, costs)
+            choose(r, L)
+            batches.append((r, pred, L, len(models) - 1))
         for u, v in _bands(nb[c])[1:]:
             r = S[c, u::BLOCK, v::BLOCK].ravel() - zero[c]
-            sh, shape = cc.model_bits(r, L)[1:]
-            models.append((sh, shape))
-            cc.encode_batch(enc, r, np.full(r.size, zero[c]), L, sh, shape, costs)
-    head = bytearray(b"ST1")
-    head += bytes(int(v) for v in weights)
-    head += bytes(nb)
-    for a in coefs:
-        head += a.astype(np.int8).tobytes()
-    for sh, shape in models:
-        head += bytes((sh, shape))
-    head += struct.pack("<I", zlib.crc32(symbols.astype("<u2").tobytes()))
+            choose(r, L)
+            batches.append((r, np.full(r.size, zero[c]), L, len(models) - 1))
+    enc = constriction.stream.queue.RangeEncoder()
+    crc = struct.pack("<I", zlib.crc32(symbols.astype("<u2").tobytes()))
+    if version == 1:
+        head = bytearray(MAGICS[1]) + bytes(int(v) for v in weights) + bytes(nb)
+        for a in coefs:
+            head += a.astype(np.int8).tobytes()
+        for sh, shape in models:
+            head += bytes((sh, shape))
+        head += crc
+    else:
+        code = weight_code(weights)
+        head = bytearray(MAGICS[2]) + bytes([code])
+        if code == EXPLICIT_WEIGHTS:
+            head += bytes(int(v) for v in weights)
+        head += bytes(nb) + crc
+        _encode_parameters(enc, nb, coefs, models, refs or [], costs)
+    for r, pred, L, m in batches:
+        cc.encode_batch(enc, r, pred, L, *models[m], costs)
     return bytes(head) + enc.get_compressed().astype("<u4").tobytes()
 
 
+def _encode_parameters(
+    enc: constriction.stream.queue.RangeEncoder,
+    nb: Sequence[int],
+    coefs: list[np.ndarray],
+    models: list[tuple[int, int]],
+    refs: list[int],
+    costs: list[float] | None,
+) -> None:
+    """Version 2's parameter batches: the DC predictor coefficients of the coded channels, then every
+    model's change of shift and of shape rank against its reference (spec section 5.2)."""
+    a = np.concatenate([coefs[4 * c + k] for c in range(len(nb)) if nb[c] for k in range(4)] + [np.zeros(0, np.int8)])
+    a = a.astype(np.int64)
+    if a.size:
+        cc.encode_batch(enc, a, np.full(a.size, 128), 256, *COEF_MODEL, costs)
+    if models:
+        ref = [models[i] if i >= 0 else (0, 0) for i in refs]
+        dsh = np.array([m[0] - f[0] for m, f in zip(models, ref, strict=True)], np.int64)
+        drk = np.array([RANK[m[1]] - RANK[f[1]] for m, f in zip(models, ref, strict=True)], np.int64)
+        cc.encode_batch(enc, dsh, np.full(dsh.size, 16), _SHIFT_L, *SHIFT_MODEL, costs)
+        cc.encode_batch(enc, drk, np.full(drk.size, cc.NSHAPE - 1), _RANK_L, *RANK_MODEL, costs)
+
+
+def _decode_parameters(
+    dec: constriction.stream.queue.RangeDecoder, nb: Sequence[int]
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    C = len(nb)
+    counts = [cc._nfeat(c, k) if nb[c] else 0 for c in range(C) for k in range(4)]
+    n = sum(counts)
+    a = cc.decode_batch(dec, np.full(n, 128), 256, *COEF_MODEL) - 128 if n else np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    coefs = [a[e - k : e].astype(np.int8) for e, k in zip(ends, counts, strict=True)]
+    refs = model_references(nb)
+    models: list[tuple[int, int]] = []
+    if refs:
+        dsh = cc.decode_batch(dec, np.full(len(refs), 16), _SHIFT_L, *SHIFT_MODEL) - 16
+        drk = cc.decode_batch(dec, np.full(len(refs), cc.NSHAPE - 1), _RANK_L, *RANK_MODEL) - (cc.NSHAPE - 1)
+        for i, f in enumerate(refs):
+            rsh, rrank = (models[f][0], RANK[models[f][1]]) if f >= 0 else (0, 0)
+            sh, rank = rsh + int(dsh[i]), rrank + int(drk[i])
+            if not (0 <= sh <= 16 and 0 <= rank < cc.NSHAPE):
+                raise ValueError("bad model parameters")
+            models.append((sh, SHAPE_ORDER[rank]))
+    return coefs, models
+
+
 def _header_size(nb: Sequence[int]) -> int:
-    """Bytes of a stream's fixed part (everything before the range coder's words) for band counts ``nb``."""
+    """Bytes of a version-1 stream's fixed part (everything before the range coder's words) for band counts."""
     C = len(nb)
     nco = sum(cc._nfeat(c, k) for c in range(C) for k in range(4))
     return 3 + BLOCK * BLOCK + C + nco + 2 * sum(n + 3 for n in nb if n) + 4
 
 
+def _band_count_offset(data: bytes) -> int:
+    if data[:3] == MAGICS[1]:
+        return 3 + BLOCK * BLOCK
+    return 4 + (BLOCK * BLOCK if data[3] == EXPLICIT_WEIGHTS else 0)
+
+
+def band_counts(data: bytes, channels: int) -> list[int]:
+    """nb[c] of a stream of either version: how many bands (in ZIGZAG order) each channel codes."""
+    p = _band_count_offset(data)
+    return list(data[p : p + channels])
+
+
 def header_size(data: bytes, channels: int) -> int:
-    """Bytes of the stream header of ``data`` (a stream of ``channels`` channels), words excluded."""
-    return _header_size(list(data[3 + BLOCK * BLOCK : 3 + BLOCK * BLOCK + channels]))
+    """Bytes of the stream header of ``data`` (a stream of ``channels`` channels), words excluded (version 2:
+    its parameters are range-coded, part of the words)."""
+    if data[:3] == MAGICS[1]:
+        return _header_size(band_counts(data, channels))
+    return _band_count_offset(data) + channels + 4
 
 
 def decode_symbols(
     data: bytes, shape: Sequence[int], levels: Sequence[int] | np.ndarray
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(coefficient symbols (C, H, W) uint16, band weights) of a stream; ValueError on any inconsistency."""
+    """(coefficient symbols (C, H, W) uint16, band weights) of a stream of either version; ValueError on any
+    inconsistency."""
     try:
         C, H, W = (int(v) for v in shape)
     except Exception:
@@ -269,25 +443,37 @@ def decode_symbols(
     if levels.size != C or (levels < 2).any() or (levels > 65536).any():
         raise ValueError("bad levels")
     data = bytes(data)
-    fixed = 3 + BLOCK * BLOCK + C
-    if len(data) < fixed or data[:3] != b"ST1":
+    if data[:3] == MAGICS[1]:
+        fixed = 3 + BLOCK * BLOCK + C
+        if len(data) < fixed:
+            raise ValueError("bad stream header")
+        weights = tuple(data[3 : 3 + BLOCK * BLOCK])
+    elif data[:3] == MAGICS[2] and len(data) >= 4:
+        explicit = data[3] == EXPLICIT_WEIGHTS
+        fixed = 4 + (BLOCK * BLOCK if explicit else 0) + C
+        if len(data) < fixed:
+            raise ValueError("bad stream header")
+        weights = tuple(data[4 : 4 + BLOCK * BLOCK]) if explicit else weights_of_code(data[3])
+    else:
         raise ValueError("bad stream header")
-    weights = tuple(data[3 : 3 + BLOCK * BLOCK])
     if min(weights) < 1:
         raise ValueError("band weight 0")
-    nb = list(data[3 + BLOCK * BLOCK : fixed])
+    nb = list(data[fixed - C : fixed])
     if max(nb) > BLOCK * BLOCK:
         raise ValueError("more than 16 bands in a channel")
     nmodels = sum(n + 3 if n else 0 for n in nb)
-    hlen = _header_size(nb)
+    hlen = _header_size(nb) if data[:3] == MAGICS[1] else fixed + 4
     if len(data) < hlen or (len(data) - hlen) % 4:
         raise ValueError("bad stream length")
     # a forged header must not make a few bytes decode into millions of symbols (spec section 10)
     coded = sum(H * W * len(_bands(n)) // (BLOCK * BLOCK) for n in nb)
     if coded > cc.symbol_limit(len(data) - hlen):
         raise ValueError(f"{coded} coefficients cannot come from a {len(data) - hlen}-byte range-coded payload")
-    coefs, p = cc.read_coefficients(data, C, fixed)
-    models, p = cc.read_models(data, nmodels, p)
+    if data[:3] == MAGICS[1]:
+        coefs, p = cc.read_coefficients(data, C, fixed)
+        models, p = cc.read_models(data, nmodels, p)
+    else:
+        p = fixed
     crc = struct.unpack_from("<I", data, p)[0]
     p += 4
     dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32))
@@ -296,6 +482,8 @@ def decode_symbols(
     DC = np.zeros((C, H // BLOCK, W // BLOCK), np.int64)
     m = 0
     with cc.stream_errors():
+        if data[:3] == MAGICS[2]:
+            coefs, models = _decode_parameters(dec, nb)
         for c in range(C):
             if nb[c] == 0:
                 continue
