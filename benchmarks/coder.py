@@ -1,10 +1,11 @@
 """Latent coder on its own: bits per latent value, distance to the entropy limits, and entropy-decoding speed.
 
     python benchmarks/coder.py [--model ../shared/models/taesd] [--images ...] [--quality 20 40 60 75 90]
-                               [--coder transform|context]
+                               [--coder transform|transform-st1|context]
 
 For each image the autoencoder encodes once; then, per quality of the coder (default: coder 3 'transform',
-the default method, spec section 5.2; or coder 2 'context', section 5.1), it reports the LDAT payload in bits
+the default method, spec section 5.2; 'transform-st1' the same coefficients in coder 3's stream version 1, with
+its parameters stored as bytes; or coder 2 'context', section 5.1), it reports the LDAT payload in bits
 per latent value next to
 - the ideal code length of the symbols under the coder's own model (what a perfect entropy coder
   would spend with the same probabilities: the range coder's overhead),
@@ -51,10 +52,11 @@ def stream_header_bytes(channels: int, data: bytes) -> int:
 
 def coder_round_trip(coder: str, z: np.ndarray, quality: int, costs: list[float]) -> tuple[bytes, float, object]:
     """(stream, encode seconds, the decode + dequantize call) of one coder on latents ``z``."""
-    if coder == "transform":
+    if coder.startswith("transform"):
         symbols, offset, scale, levels, weights = transform_coder.quantize(z, quality)
         t = time.perf_counter()
-        data = transform_coder.encode_symbols(symbols, levels, weights, costs)
+        version = 1 if coder.endswith("st1") else 2
+        data = transform_coder.encode_symbols(symbols, levels, weights, costs, version=version)
         encode_s = time.perf_counter() - t
 
         def decode() -> None:
@@ -74,7 +76,7 @@ def coder_round_trip(coder: str, z: np.ndarray, quality: int, costs: list[float]
 
 
 def _symbols(coder: str, z: np.ndarray, quality: int) -> np.ndarray:
-    return (transform_coder.quantize if coder == "transform" else context_coder.quantize)(z, quality)[0]
+    return (transform_coder.quantize if coder.startswith("transform") else context_coder.quantize)(z, quality)[0]
 
 
 def best_of(fn, repeats: int) -> float:
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", nargs="*", type=Path, default=sorted(KODAK.glob("kodim*.png")))
     ap.add_argument("--quality", nargs="*", type=int, default=[20, 40, 60, 75, 90])
     ap.add_argument("--repeats", type=int, default=5, help="decode timings: best of this many")
-    ap.add_argument("--coder", choices=("transform", "context"), default="transform")
+    ap.add_argument("--coder", choices=("transform", "transform-st1", "context"), default="transform")
     args = ap.parse_args(argv)
     latents = encode_latents(args.model, args.images)
     shape = next(iter(latents.values())).shape
