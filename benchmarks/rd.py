@@ -60,10 +60,11 @@ SHARED = _find_shared()
 KODAK = SHARED / "data" / "kodak"
 DEFAULT_MODEL = SHARED / "models" / "taesd"
 
-#: .sdl quality settings by latent channel count: ~0.05..0.33 bpp on Kodak for the 4-channel models (quality 100
-#: is their top), 0.1..2 bpp for TAEF2's 32 channels (below quality 25 its files stop shrinking; it nears its
-#: float ceiling only at quality 75).
-QUALITIES = {4: (40, 50, 60, 75, 100)}
+#: .sdl quality settings by latent channel count: ~0.02..0.27 bpp on Kodak for the 4-channel models with coder 3
+#: (quality 90: 0.03 JOD below TAESD's float ceiling, 0.19 below TAESDXL's); for TAEF2's 32 channels the range
+#: chosen with coder 2, 0.1..2 bpp (below quality 25 its files stopped shrinking; it neared its float ceiling
+#: only at quality 75).
+QUALITIES = {4: (30, 40, 50, 60, 75, 90)}
 QUALITIES_WIDE = (25, 30, 40, 50, 60, 75)
 QUICK = {4: (50, 75)}
 QUICK_WIDE = (30, 40)
@@ -1097,7 +1098,7 @@ def write_docs(path: Path, out: Path) -> None:
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taef2 --jobs 2 --docs docs/benchmarks.md",
         "# the .sdl series with encoder-side latent refinement (save option refine=10), its own section:",
-        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --refine 10 --quality 40 50 60 75 "
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --refine 10 --quality 30 40 50 60 75 "
         "--jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --refine 10 --quality 40 50 60 75 "
         "--jobs 2 --docs docs/benchmarks.md",
@@ -1205,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quality",
         nargs="+",
         type=int,
-        help=".sdl qualities (default by model: 40 50 60 75 100 for 4 latent channels, 25 30 40 50 60 75 otherwise)",
+        help=".sdl qualities (default by model: 30 40 50 60 75 90 for 4 latent channels, 25 30 40 50 60 75 otherwise)",
     )
     ap.add_argument("--quick", action="store_true", help="3 images, 2 settings, 2 AVIF anchor qualities")
     ap.add_argument(
