@@ -139,6 +139,18 @@ def test_constant_channel_codes_no_band() -> None:
     assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8))[0], z[0])
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_all_constant_latents_code_no_band_and_no_parameters(version: int) -> None:
+    z = np.full((3, 8, 8), 0.25, np.float32)
+    s, off, sc, lev, w = tc.quantize(z, 60)
+    data = tc.encode_symbols(s, lev, w, version=version)
+    assert tc.band_counts(data, 3) == [0, 0, 0]
+    if version == 2:
+        assert len(data) == tc.header_size(data, 3) == 3 + 1 + 3 + 4  # no words: nothing to range-code
+    back, _ = tc.decode_symbols(data, s.shape, lev)
+    assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8)), z)
+
+
 def _file(z: np.ndarray, settings: QuantSettings = TRANSFORM) -> bytes:
     fields, payload, palette = quantize(z, settings)
     c, h, w = z.shape
