@@ -298,7 +298,7 @@ def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tupl
     from pillow_sdlatent.core import transform_coder as tc
 
     costs: list[float] = []
-    again = tc.encode_symbols(symbols, levels, weights, costs, version=1 if ldat[:3] == tc.MAGICS[1] else 2)
+    again = tc.encode_symbols(symbols, levels, weights, costs, version=tc.stream_version(ldat))
     if again != ldat:
         raise RuntimeError("re-encoding the decoded coefficients did not give the file's LDAT")
     s_all = np.asarray(symbols).astype(np.int64)

@@ -408,8 +408,17 @@ def _header_size(nb: Sequence[int]) -> int:
     return 3 + BLOCK * BLOCK + C + nco + 2 * sum(n + 3 for n in nb if n) + 4
 
 
+def stream_version(data: bytes) -> int:
+    """The layout version a stream's magic names; ValueError for anything else."""
+    for version, magic in MAGICS.items():
+        if data[:3] == magic and len(data) > 3:
+            return version
+    raise ValueError("bad stream header")
+
+
 def _band_count_offset(data: bytes) -> int:
-    if data[:3] == MAGICS[1]:
+    """Where nb[] starts: after the 16 weight bytes, which version 2 stores only with EXPLICIT_WEIGHTS."""
+    if stream_version(data) == 1:
         return 3 + BLOCK * BLOCK
     return 4 + (BLOCK * BLOCK if data[3] == EXPLICIT_WEIGHTS else 0)
 
@@ -423,7 +432,7 @@ def band_counts(data: bytes, channels: int) -> list[int]:
 def header_size(data: bytes, channels: int) -> int:
     """Bytes of the stream header of ``data`` (a stream of ``channels`` channels), words excluded (version 2:
     its parameters are range-coded, part of the words)."""
-    if data[:3] == MAGICS[1]:
+    if stream_version(data) == 1:
         return _header_size(band_counts(data, channels))
     return _band_count_offset(data) + channels + 4
 
@@ -443,37 +452,28 @@ def decode_symbols(
     if levels.size != C or (levels < 2).any() or (levels > 65536).any():
         raise ValueError("bad levels")
     data = bytes(data)
-    if data[:3] == MAGICS[1]:
-        fixed = 3 + BLOCK * BLOCK + C
-        if len(data) < fixed:
-            raise ValueError("bad stream header")
-        weights = tuple(data[3 : 3 + BLOCK * BLOCK])
-    elif data[:3] == MAGICS[2] and len(data) >= 4:
-        explicit = data[3] == EXPLICIT_WEIGHTS
-        fixed = 4 + (BLOCK * BLOCK if explicit else 0) + C
-        if len(data) < fixed:
-            raise ValueError("bad stream header")
-        weights = tuple(data[4 : 4 + BLOCK * BLOCK]) if explicit else weights_of_code(data[3])
-    else:
+    version = stream_version(data)
+    p = _band_count_offset(data)  # the weights, where stored, are the 16 bytes before it
+    fixed = p + C
+    if len(data) < fixed:
         raise ValueError("bad stream header")
+    weights = tuple(data[p - BLOCK * BLOCK : p]) if p >= 3 + BLOCK * BLOCK else weights_of_code(data[3])
     if min(weights) < 1:
         raise ValueError("band weight 0")
-    nb = list(data[fixed - C : fixed])
+    nb = band_counts(data, C)
     if max(nb) > BLOCK * BLOCK:
         raise ValueError("more than 16 bands in a channel")
-    nmodels = sum(n + 3 if n else 0 for n in nb)
-    hlen = _header_size(nb) if data[:3] == MAGICS[1] else fixed + 4
+    hlen = header_size(data, C)
     if len(data) < hlen or (len(data) - hlen) % 4:
         raise ValueError("bad stream length")
     # a forged header must not make a few bytes decode into millions of symbols (spec section 10)
     coded = sum(H * W * len(_bands(n)) // (BLOCK * BLOCK) for n in nb)
     if coded > cc.symbol_limit(len(data) - hlen):
         raise ValueError(f"{coded} coefficients cannot come from a {len(data) - hlen}-byte range-coded payload")
-    if data[:3] == MAGICS[1]:
-        coefs, p = cc.read_coefficients(data, C, fixed)
-        models, p = cc.read_models(data, nmodels, p)
-    else:
-        p = fixed
+    p = fixed
+    if version == 1:
+        coefs, p = cc.read_coefficients(data, C, p)
+        models, p = cc.read_models(data, sum(n + 3 for n in nb if n), p)
     crc = struct.unpack_from("<I", data, p)[0]
     p += 4
     dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32))
@@ -482,7 +482,7 @@ def decode_symbols(
     DC = np.zeros((C, H // BLOCK, W // BLOCK), np.int64)
     m = 0
     with cc.stream_errors():
-        if data[:3] == MAGICS[2]:
+        if version == 2:
             coefs, models = _decode_parameters(dec, nb)
         for c in range(C):
             if nb[c] == 0:
