@@ -43,8 +43,7 @@ def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> co
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return read_latent_file(f, allow_truncated=allow_truncated)
-    header, info = codec.read_head(source)
-    return codec.read_body(source, header, info, allow_truncated=allow_truncated)
+    return codec.read_body(source, codec.read_head(source), allow_truncated=allow_truncated)
 
 
 def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:
@@ -129,12 +128,12 @@ def latent_chunks(
         settings = settings_for(quality, method, c)
     elif quality is not None or method != "auto":
         raise TypeError("pass either settings=... or quality/method, not both")
-    fields, payload, palette = codec.quantize(z, settings)
+    q = codec.quantize(z, settings)
     header = Header(
         width=width, height=height, mode=mode, channels=c, latent_height=lh, latent_width=lw, model_id=mid,
-        fingerprint=fp, downscale=f, coder=settings.coder, **fields,
+        fingerprint=fp, downscale=f, coder=settings.coder, **q.fields,
     )  # fmt: skip
-    return codec.build_chunks(header, payload, palette, alpha, info)
+    return codec.build_chunks(header, q, alpha, info)
 
 
 def write_latents(

@@ -70,12 +70,12 @@ class SdlImageFile(ImageFile.ImageFile):
     decoder_options: dict[str, Any]
 
     def _open(self) -> None:
-        header, info = codec.read_head(self.fp)
+        self.head = codec.read_head(self.fp)
+        header = self.header = self.head.header
         _check_decode_cost(header)
-        self.header = header
         self._size = (header.width, header.height)
         self._mode = header.mode
-        self.info.update(info)
+        self.info.update(self.head.info)
         self.info["model"] = header.model_id
         self.decoder_options = {}
         self._draft_scale = 0  # 0: draft not called; 1: full size; 8: the model-free preview
@@ -87,7 +87,7 @@ class SdlImageFile(ImageFile.ImageFile):
         self.fp.seek(self.tile[0].offset if self.tile else 0)
         if not self.tile:
             raise ValueError("image already loaded; reopen the file to read its latents")
-        return codec.read_body(self.fp, self.header, self.info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        return codec.read_body(self.fp, self.head, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
 
     def verify(self) -> None:
         """Check every CRC and decode the latent layer (no model needed); raise on any defect."""
@@ -96,7 +96,7 @@ class SdlImageFile(ImageFile.ImageFile):
 
     def preview_map(self) -> np.ndarray | None:
         """The file's latent->pixel preview map, or None when it has no usable ``prVw`` chunk."""
-        payload = self.info.get("_ancillary", {}).get(preview.CHUNK_TYPE.decode())
+        payload = self.head.preview
         if payload is None:
             return None
         try:
