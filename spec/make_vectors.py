@@ -51,14 +51,20 @@ VECTORS = {
                       "transform quantizer and coder, 4 channels, latent 9 x 15 (coefficient planes 12 x 16), "
                       "RGB, `prVw` preview"),
     "transform-l-c16": (33, 41, "L", 16, replace(TRANSFORM, quality=20),
-                        "16 channels (DC features from 3 previous channels), quality 20 (channels with few "
-                        "coded bands, some DC only), explicit band weights (code 255), mode L"),
+                        "16 channels (DC features of 3 previous channels; their coefficients are 0 here), "
+                        "quality 20 (few coded bands, some channels DC only), explicit band weights (code 255), "
+                        "mode L"),
     "transform-1x1-c32": (5, 7, "RGB", 32, replace(TRANSFORM, quality=60),
-                          "32 channels of 1 x 1 latents (one block per channel, DC phases 1-3 empty), channel 0 "
-                          "constant (nothing but its DC coded)"),
+                          "32 channels of 1 x 1 latents: one block per channel, DC phases 1-3 empty, every channel "
+                          "DC only (a 1 x 1 latent pads to a constant block), channel 0 at its offset"),
+    "transform-smooth-c4": (200, 176, "RGB", 4, replace(TRANSFORM, quality=95),
+                            "smooth latents correlated across channels (non-zero spatial and inter-channel DC "
+                            "predictors), DC planes of 6 x 7 (mirrored neighbours at every edge), weight code 27 "
+                            "(band weights with halves to round), an even alphabet (channel 1), many coefficients"),
 }  # fmt: skip
-#: Band weights instead of the quantizer's own (no weight code gives them: the stream stores all 16).
-WEIGHTS = {"transform-l-c16": tuple(16 + 3 * u + 5 * v for u in range(4) for v in range(4))}
+#: Band weights instead of the quantizer's own (the first: no weight code gives them, the stream stores all 16).
+WEIGHTS = {"transform-l-c16": tuple(16 + 3 * u + 5 * v for u in range(4) for v in range(4)),
+           "transform-smooth-c4": transform_coder.weights_of_code(27)}  # fmt: skip
 #: Vectors whose ALPH chunk is written without a filter (the writer's own choice is filter 1).
 ALPHA_UNFILTERED = {"palette-raw-la-c32"}
 
@@ -78,10 +84,15 @@ def make(i: int, name: str) -> bytes:
     z = latents(i, shape)
     if name == "transform-1x1-c32":
         z[0] = 0.75
+    if name == "transform-smooth-c4":
+        base = np.cumsum(np.cumsum(np.random.default_rng(i).normal(size=shape[1:]), 0), 1) * 0.15
+        z = np.stack([base * (1 + 0.3 * c) + 0.2 * z[c] for c in range(c)]).astype(np.float32) * 3
     if name in WEIGHTS:
         steps, offsets, _ = transform_coder.params(z, settings.quality)
         settings = replace(settings, grid=(steps, offsets, WEIGHTS[name]))
     q = quantize(z, settings)
+    if name == "transform-smooth-c4":
+        q.fields["levels"][1] += 1  # an even alphabet: the centre (levels - 1) // 2 and the symbols stay
     if name == "palette-raw-la-c32":
         assert len(q.palette) > 256, "the vector must need u16 indices"
     header = Header(width=w, height=h, mode=mode, channels=c, latent_height=shape[1], latent_width=shape[2],

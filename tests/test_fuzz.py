@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from benchmarks.fuzz import (
+from pillow_sdlatent.testing import (
     MUTATORS,
     TARGETS,
     Crash,
@@ -90,7 +90,7 @@ def test_regression_input(path: Path) -> None:
         assert all(o.startswith("FormatError@header") for o in outcomes.values())
     elif path.stem == "tolerant-117m-latent-values":
         assert outcomes["tolerant"].startswith("DecompressionBomb")
-    elif path.stem == "reader-context-forged-size":
+    elif path.stem == "reader-transform-forged-size":
         assert outcomes["reader"].startswith("FormatError") and outcomes["pillow"].startswith("DecompressionBomb")
 
 

@@ -26,7 +26,7 @@ Readers compute in float64 (a float16 map on float32 latents cannot overflow it)
 for LA/RGBA files, box-reduce the ``ALPH`` plane by the same factor. A reader that meets an unknown version
 or basis, a payload of the wrong length or a non-finite coefficient ignores the chunk (it is ancillary).
 Why float16: the map's 2C + 1 terms per output move a preview sample by well under one level when rounded
-to 11 significant bits (benchmarks/preview.py), and halve the chunk (70 instead of 124 bytes at C = 4).
+to 11 significant bits (benchmarks/preview.py), and halve the chunk (69 instead of 124 bytes with its framing at C = 4).
 """
 
 from __future__ import annotations
@@ -56,15 +56,17 @@ def feature_count(channels: int) -> int:
 
 
 def features(latents: np.ndarray) -> np.ndarray:
-    """(1 + 2C, h, w) float32 features of (C, h, w) latents (see the module docstring)."""
-    z = np.asarray(latents, np.float32)
+    """(1 + 2C, h, w) features of (C, h, w) latents (see the module docstring), in the latents' float dtype
+    (float32 unless they are float64)."""
+    z = np.asarray(latents)
+    z = z if z.dtype == np.float64 else z.astype(np.float32)
     c, h, w = z.shape
     p = np.pad(z, ((0, 0), (1, 1), (1, 1)), mode="edge")
     neighbours = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]
-    out = np.empty((1 + 2 * c, h, w), np.float32)
+    out = np.empty((1 + 2 * c, h, w), z.dtype)
     out[0] = 1.0
     out[1 : 1 + c] = z
-    out[1 + c :] = neighbours * np.float32(0.25) - z
+    out[1 + c :] = neighbours * 0.25 - z
     return out
 
 
@@ -97,8 +99,8 @@ def fit(latents: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def render(latents: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(h, w, k) uint8 preview pixels of (C, h, w) latents under a (k, 1 + 2C) map."""
-    feats = features(latents)
+    """(h, w, k) uint8 preview pixels of (C, h, w) latents under a (k, 1 + 2C) map, in binary64 (spec 13)."""
+    feats = features(np.asarray(latents, np.float64))
     f, h, w = feats.shape
     if matrix.shape[1] != f:
         raise PreviewError(f"preview map has {matrix.shape[1]} terms; {f} expected for {(f - 1) // 2} channels")

@@ -9,7 +9,7 @@ float normalisation is the identity (``scale == 1.0``) and every cumulative is e
 A *batch* codes ``n`` residuals ``r`` (symbol minus prediction) under one model ``(sh, shape)``:
 first all bins ``b = clip((r >> sh) + R + 1, 0, NB - 1)`` under the shape's table, then (if ``sh > 0``)
 all low parts ``r - ((r >> sh) << sh)`` uniformly over ``2**sh``, then the escapes of the two outer bins
-uniformly over ``E = max(2, (L >> sh) + 2)``.
+uniformly over ``E = (L >> sh) + 2``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -94,11 +95,11 @@ def ranks() -> np.ndarray:
 
 
 def escape_alphabet(L: int, sh: int) -> int:
-    return max(2, (L >> sh) + 2)
+    return (L >> sh) + 2
 
 
 @functools.cache
-def _categorical(shape: int):
+def _categorical(shape: int) -> Any:
     import constriction
 
     # frequencies summing to ONE - NB: constriction's leaky quantisation gives each bin exactly f + 1
@@ -106,25 +107,51 @@ def _categorical(shape: int):
 
 
 @functools.cache
-def _uniform(size: int):
+def _uniform(size: int) -> Any:
     import constriction
 
     return constriction.stream.model.Uniform(size)
 
 
-def new_encoder():
+def new_encoder() -> Any:
+    """constriction's queue range encoder: u32 words, u64 state, 24-bit probabilities (spec section 6.1)."""
     import constriction
 
     return constriction.stream.queue.RangeEncoder()
 
 
-def new_decoder(words: np.ndarray):
-    import constriction
+class Decoder:
+    """constriction's range decoder over a stream's words, with the end check of spec section 6.1.
 
-    return constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
+    The check needs how many words the decoder has read (two at the start, one per renormalisation).
+    constriction does not say, but an encoder fed the same symbols under the same models renormalises
+    exactly as often (the range evolves with the probabilities alone), so :meth:`finish` replays them.
+    """
+
+    def __init__(self, words: np.ndarray) -> None:
+        import constriction
+
+        self.words = np.ascontiguousarray(words, np.uint32)
+        self._dec = constriction.stream.queue.RangeDecoder(self.words)
+        self._log: list[tuple[Any, np.ndarray]] = []
+
+    def decode(self, model: Any, n: int) -> np.ndarray:
+        out = self._dec.decode(model, n)
+        self._log.append((model, out))
+        return out
+
+    def finish(self) -> None:
+        """Reject unless every word was read and the last word read (one past the end reads as 0) is 0."""
+        enc = new_encoder()
+        for model, symbols in self._log:
+            enc.encode(symbols, model)
+        reads = 2 + enc.pos()[0]
+        m = self.words.size
+        if m > reads or (m == reads and self.words[-1] != 0):
+            raise ValueError("words after the end of the range-coded stream")
 
 
-def encode_batch(enc, r: np.ndarray, L: int, sh: int, shape: int) -> None:
+def encode_batch(enc: Any, r: np.ndarray, L: int, sh: int, shape: int) -> None:
     """Append a batch of residuals ``r`` (int64) of symbols in an alphabet of ``L`` under model (sh, shape)."""
     if r.size == 0:
         return
@@ -142,7 +169,7 @@ def encode_batch(enc, r: np.ndarray, L: int, sh: int, shape: int) -> None:
         enc.encode(e.astype(np.int32), _uniform(E))
 
 
-def decode_batch(dec, n: int, L: int, sh: int, shape: int) -> np.ndarray:
+def decode_batch(dec: Decoder, n: int, L: int, sh: int, shape: int) -> np.ndarray:
     """The ``n`` residuals (int64) of a batch coded by :func:`encode_batch`."""
     if n == 0:
         return np.zeros(0, np.int64)
@@ -159,13 +186,7 @@ def decode_batch(dec, n: int, L: int, sh: int, shape: int) -> np.ndarray:
     return r
 
 
-def finish(dec) -> None:
-    """Reject words left after the last symbol (spec section 6.1: a stream ends where its symbols end)."""
-    if not dec.maybe_exhausted():
-        raise ValueError("bytes after the end of the range-coded stream")
-
-
-def words_of(enc) -> bytes:
+def words_of(enc: Any) -> bytes:
     """The encoder's words, big-endian (spec section 6.1)."""
     return enc.get_compressed().astype(">u4").tobytes()
 

@@ -282,8 +282,12 @@ def _choose_model(r: np.ndarray, L: int, ref: tuple[int, int]) -> tuple[int, int
     return int(sh), int(shape)
 
 
-def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weights: Sequence[int]) -> bytes:
-    """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` and band weights."""
+def encode_symbols(
+    symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weights: Sequence[int], costs: list[float] | None = None
+) -> bytes:
+    """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` and band weights;
+    ``costs``, if given, receives the ideal bits of each band batch under its model (what the coder spends up
+    to its rounding, the parameters not counted)."""
     S = np.asarray(symbols).astype(np.int64)
     levels = np.asarray(levels).astype(np.int64).ravel()
     if S.ndim != 3 or levels.size != S.shape[0] or (levels < 2).any() or (levels > 65536).any():
@@ -332,6 +336,8 @@ def encode_symbols(symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weig
     rc.encode_batch(enc, drk, _RANK_L, *RANK_MODEL)
     for (r, L), (sh, shape) in zip(batches, models, strict=True):
         rc.encode_batch(enc, r, L, sh, shape)
+        if costs is not None and r.size:
+            costs.append(float(rc.model_costs(r, L)[sh, shape]))
     code = weight_code(weights)
     head = bytes([code]) + (bytes(int(v) for v in weights) if code == EXPLICIT_WEIGHTS else b"") + bytes(nb)
     return head + rc.words_of(enc)
@@ -373,7 +379,7 @@ def decode_symbols(
             f"{coded_symbols(nb, H, W)} coefficients cannot come from {4 * words.size} bytes of range-coded words"
         )
     refs = model_references(nb)
-    dec = rc.new_decoder(words)
+    dec = rc.Decoder(words)
     zero = (levels - 1) // 2
     hb, wb = H // BLOCK, W // BLOCK
     phases = dc_phases(hb, wb)
@@ -415,5 +421,5 @@ def decode_symbols(
                 if s.min() < 0 or s.max() >= L:
                     raise ValueError("decoded coefficient out of its alphabet")
                 S[c, u::BLOCK, v::BLOCK] = s.reshape(hb, wb)
-        rc.finish(dec)
+        dec.finish()
     return S, weights
