@@ -428,10 +428,7 @@ def process_image(path: Path) -> ImageResult:
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
-        if lf.header.coder == "transform":
-            stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.header.weights, ldat)
-        else:
-            stats = rm.context_coder_stats(lf.symbols, lf.header.levels, ldat)
+        stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.weights, ldat)
         ctx, ctx_kt = rm.context_bits(lf.symbols, lf.header.levels)
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
         return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
@@ -826,9 +823,8 @@ def summarize(res: dict[str, Any]) -> str:
 
     out += [
         "",
-        f"Coding efficiency of .sdl ({lab}, the default method's coder: 3 'transform'; coder 2 'context' in "
-        "runs before 2026-12-01), bits per value of the coded array (transform: per DCT coefficient, the padded "
-        "planes) summed over all images. "
+        f"Coding efficiency of .sdl ({lab}, the default method's transform coder), bits per value of the coded "
+        "array (per DCT coefficient, the padded planes) summed over all images. "
         "'own model': the ideal code length of the symbols under the coder's own probability model (categorical "
         "bins + uniform low parts and escapes); 'order-0': per-channel histogram entropy; 'context': empirical "
         "conditional entropy given the terciles of the left and top neighbours (9 contexts per channel), and the "
@@ -1179,9 +1175,8 @@ def write_docs(path: Path, out: Path) -> None:
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
-        "- Coding efficiency: `context_coder_stats` (coder 2) and `transform_coder_stats` (coder 3) in "
-        "benchmarks/rd_metrics.py re-run the coder's probability model (pillow_sdlatent/core/context_coder.py, "
-        "transform_coder.py) on the decoded symbols.",
+        "- Coding efficiency: `transform_coder_stats` in benchmarks/rd_metrics.py re-runs the coder's probability "
+        "model (pillow_sdlatent/core/transform_coder.py) on the decoded symbols.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -70,6 +70,7 @@ class Decoded:
     symbols: np.ndarray  # (C, h, w) uint16 with the palette looked up; transform: (C, H, W) coefficients
     weights: tuple[int, ...] | None
     shape: tuple[int, int]  # latent (h, w)
+    latents: np.ndarray | None = None  # the dequantized latents, where decoding already computed them
 
 
 @dataclass
@@ -92,8 +93,10 @@ class LatentFile:
         return self.decoded.weights
 
     def latents(self) -> np.ndarray:
-        """Dequantized float32 latents (C, h, w), bit-exact as the spec defines."""
-        return codec_of(self.header.quantizer).dequantize(self.decoded)
+        """Dequantized float32 latents (C, h, w), bit-exact as the spec defines (computed once)."""
+        if self.decoded.latents is None:
+            self.decoded.latents = codec_of(self.header.quantizer).dequantize(self.decoded)
+        return self.decoded.latents
 
 
 # ---------------------------------------------------------------- the codecs
@@ -228,9 +231,8 @@ class TransformCodec:
             zero = ((header.levels.astype(np.int64) - 1) // 2).astype(np.uint16)
             symbols, weights = np.repeat(zero[:, None], shape[1] * shape[2], axis=1).reshape(shape), (16,) * 16
         d = Decoded(header.offset, header.scale, header.levels, symbols, weights, (h, w))
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = bool(np.isfinite(self.dequantize(d)).all())
-        if not finite:  # large steps x weights can overflow float32 where the header's check cannot see
+        d.latents = self.dequantize(d)  # once: the check needs them, and so will the caller
+        if not np.isfinite(d.latents).all():  # large steps x weights can overflow float32 (spec section 5.3)
             raise FormatError("transform coefficients dequantize beyond float32")
         return d
 

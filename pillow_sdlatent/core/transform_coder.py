@@ -150,23 +150,29 @@ def dequantize(
     weights: Sequence[int],
     shape: tuple[int, int],
 ) -> np.ndarray:
-    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says."""
-    _, H, W = symbols.shape
-    zero = ((np.asarray(levels, np.int64) - 1) // 2)[:, None, None]
-    X = (symbols - zero).astype(np.float64)  # int64 only as a temporary of the subtraction
-    X *= np.asarray(scale, np.float32).astype(np.float64)[:, None, None]
-    X *= _weight_plane(weights, H, W)
-    y = inverse(X)
-    y += np.asarray(offset, np.float32).astype(np.float64)[:, None, None]
-    return y[:, : shape[0], : shape[1]].astype(np.float32)
+    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says.
+
+    Channel by channel: the float64 temporaries hold one channel's plane, not the whole latent."""
+    C, H, W = symbols.shape
+    h, w = shape
+    zero = (np.asarray(levels, np.int64) - 1) // 2
+    sc = np.asarray(scale, np.float32).astype(np.float64)
+    off = np.asarray(offset, np.float32).astype(np.float64)
+    wp = _weight_plane(weights, H, W)
+    out = np.empty((C, h, w), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller checks finiteness
+        for c in range(C):
+            X = symbols[c].astype(np.float64)
+            X -= zero[c]  # exact: |q| < 2**16
+            X *= sc[c]
+            X *= wp
+            y = inverse(X)
+            y += off[c]
+            out[c] = y[:h, :w]
+    return out
 
 
 # ---------------------------------------------------------------- DC prediction (spec section 5.3.3)
-
-
-def dc_phases(hb: int, wb: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Rows and columns of the four phases k = 2 (i % 2) + (j % 2) of an hb x wb DC plane."""
-    return [(np.arange(k >> 1, hb, 2), np.arange(k & 1, wb, 2)) for k in range(4)]
 
 
 def feature_count(c: int, k: int) -> int:
@@ -174,30 +180,35 @@ def feature_count(c: int, k: int) -> int:
     return (0, 1, 2, 2)[k] + min(c, 3)
 
 
-def _neighbour(D: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """D at (y + dy, x + dx), mirrored to (y - dy) / (x - dx) where outside, 0 where that is outside too."""
+def _mirror_pad(D: np.ndarray) -> np.ndarray:
+    """D with one row and column around it: the neighbour mirrored across the edge (y - dy for y + dy), or 0
+    where the plane has a single row or column (the mirror is outside too)."""
     h, w = D.shape
-    yy, xx = ys + dy, xs + dx
-    yy = np.where((yy < 0) | (yy >= h), ys - dy, yy)
-    xx = np.where((xx < 0) | (xx >= w), xs - dx, xx)
-    out = D[np.ix_(np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1))]
-    oky, okx = (yy >= 0) & (yy < h), (xx >= 0) & (xx < w)
-    if not (oky.all() and okx.all()):
-        out = out * (oky[:, None] & okx[None, :])
-    return out
+    zr = np.zeros((1, w), D.dtype)
+    P = np.concatenate([D[1:2] if h > 1 else zr, D, D[-2:-1] if h > 1 else zr], 0)
+    zc = np.zeros((h + 2, 1), D.dtype)
+    return np.concatenate([P[:, 1:2] if w > 1 else zc, P, P[:, -2:-1] if w > 1 else zc], 1)
 
 
 _CROSS_V, _CROSS_H = ((-1, 0), (1, 0)), ((0, -1), (0, 1))
 _DIAG = ((-1, -1), (-1, 1), (1, -1), (1, 1))
-#: Spatial features of each phase, as the neighbour offsets they sum.
+#: Spatial features of each phase, as the neighbour offsets they sum (spec section 5.3.3).
 _SPATIAL = ((), (_CROSS_H,), (_CROSS_V, _DIAG), (_DIAG, _CROSS_V + _CROSS_H))
 
 
-def dc_features(DC: np.ndarray, c: int, k: int, ys: np.ndarray, xs: np.ndarray) -> list[np.ndarray]:
-    """The NF(c, k) features (int64 planes) of phase k of channel c's centred DC plane ``DC[c]``."""
-    D = DC[c]
-    F = [sum(_neighbour(D, ys, xs, dy, dx) for dy, dx in offsets) for offsets in _SPATIAL[k]]
-    F += [DC[p][np.ix_(ys, xs)] for p in range(c - 1, max(-1, c - 4), -1)]
+def dc_features(DC: np.ndarray, c: int, k: int) -> list[np.ndarray]:
+    """The NF(c, k) features (int64 planes over phase k's positions) of channel c's centred DC plane DC[c]:
+    sums of mirrored neighbours, then the DC planes of up to three previous channels."""
+    y0, x0 = k >> 1, k & 1
+    ny, nx = len(range(y0, DC.shape[1], 2)), len(range(x0, DC.shape[2], 2))
+    F: list[np.ndarray] = []
+    if _SPATIAL[k] and ny and nx:
+        P = _mirror_pad(DC[c])
+        for offsets in _SPATIAL[k]:
+            F.append(sum(P[1 + y0 + dy :: 2, 1 + x0 + dx :: 2][:ny, :nx] for dy, dx in offsets))
+    elif _SPATIAL[k]:
+        F += [np.zeros((ny, nx), np.int64)] * len(_SPATIAL[k])
+    F += [DC[p, y0::2, x0::2] for p in range(c - 1, max(-1, c - 4), -1)]
     return F
 
 
@@ -306,7 +317,6 @@ def encode_symbols(
         nb.append(max(1, nz[-1] + 1 if nz else 1))
     refs = model_references(nb)
     DC = S[:, ::BLOCK, ::BLOCK] - zero[:, None, None]
-    phases = dc_phases(*DC.shape[1:])
     coefs: list[np.ndarray] = []
     models: list[tuple[int, int]] = []
     batches: list[tuple[np.ndarray, int]] = []  # (residuals, alphabet); model i codes batch i
@@ -318,9 +328,9 @@ def encode_symbols(
 
     for c in range(C):
         L = int(levels[c])
-        for k, (ys, xs) in enumerate(phases):
-            F = dc_features(DC, c, k, ys, xs)
-            target = DC[c][np.ix_(ys, xs)]
+        for k in range(4):
+            F = dc_features(DC, c, k)
+            target = DC[c, k >> 1 :: 2, k & 1 :: 2]
             a = fit_predictor(F, target) if target.size else np.zeros(feature_count(c, k), np.int64)
             coefs.append(a)
             pred = dc_predict(F, a, int(zero[c]), L, target.size)
@@ -382,7 +392,6 @@ def decode_symbols(
     dec = rc.Decoder(words)
     zero = (levels - 1) // 2
     hb, wb = H // BLOCK, W // BLOCK
-    phases = dc_phases(hb, wb)
     with rc.stream_errors():
         counts = [feature_count(c, k) for c in range(C) for k in range(4)]
         a = rc.decode_batch(dec, sum(counts), _COEF_L, *COEF_MODEL)
@@ -405,16 +414,17 @@ def decode_symbols(
         for c in range(C):
             L = int(levels[c])
             S[c] = zero[c]
-            for k, (ys, xs) in enumerate(phases):
-                n = ys.size * xs.size
-                pred = dc_predict(dc_features(DC, c, k, ys, xs), coefs[4 * c + k], int(zero[c]), L, n)
+            for k in range(4):
+                y0, x0 = k >> 1, k & 1
+                plane = DC[c, y0::2, x0::2]  # a view: the decoded phase lands in DC
+                n = plane.size
+                pred = dc_predict(dc_features(DC, c, k), coefs[4 * c + k], int(zero[c]), L, n)
                 s = pred + rc.decode_batch(dec, n, L, *models[m])
                 m += 1
                 if n and (s.min() < 0 or s.max() >= L):
                     raise ValueError("decoded DC symbol out of its alphabet")
-                s = s.reshape(ys.size, xs.size)
-                S[c, ::BLOCK, ::BLOCK][np.ix_(ys, xs)] = s
-                DC[c][np.ix_(ys, xs)] = s - zero[c]
+                plane[...] = s.reshape(plane.shape) - zero[c]
+                S[c, BLOCK * y0 :: 2 * BLOCK, BLOCK * x0 :: 2 * BLOCK] = plane + zero[c]
             for u, v in ZIGZAG[1 : nb[c]]:
                 s = zero[c] + rc.decode_batch(dec, hb * wb, L, *models[m])
                 m += 1
