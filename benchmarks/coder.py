@@ -4,9 +4,9 @@
 
 For each image the autoencoder encodes once; then, per quality of the transform coder (spec sections 5.3
 and 6), it reports the LDAT payload in bits per latent value next to
-- the ideal code length of the bands under the coder's own models (what a perfect entropy coder would
-  spend with the same probabilities; the "overhead" column is the range coder's rounding plus the bits of
-  the stream's parameters: DC predictor coefficients and band models),
+- the ideal code length of the symbols under the coder's own models, parameters (DC predictor coefficients,
+  band models) included: what a perfect entropy coder would spend with the same probabilities, so the
+  "overhead" column is the range coder's rounding and flush,
 - the order-0 entropy of the symbols (per channel histogram: what a context-free coder could reach),
 and the time to entropy-decode and dequantize the latents on one CPU core (the autoencoder is separate).
 """

@@ -60,11 +60,12 @@ SHARED = _find_shared()
 KODAK = SHARED / "data" / "kodak"
 DEFAULT_MODEL = SHARED / "models" / "taesd"
 
-#: .sdl quality settings by latent channel count: ~0.02..0.27 bpp on Kodak for the 4-channel models with coder 3
-#: (quality 90: 0.03 JOD below TAESD's float ceiling, 0.19 below TAESDXL's); for TAEF2's 32 channels the range
-#: chosen with coder 2, 0.1..2 bpp (below quality 25 its files stopped shrinking; it neared its float ceiling
-#: only at quality 75).
+#: .sdl quality settings by latent channel count: ~0.02..0.27 bpp on Kodak for the 4-channel models with the
+#: transform coder (quality 90: 0.03 JOD below TAESD's float ceiling, 0.19 below TAESDXL's, in the draft format's
+#: runs); for TAEF2's 32 channels the range chosen with the draft's context coder, 0.1..2 bpp.
 QUALITIES = {4: (30, 40, 50, 60, 75, 90)}
+#: The .sdl format version the files of a run are written in (part of the cache key).
+FORMAT_VERSION = "1.0"
 QUALITIES_WIDE = (25, 30, 40, 50, 60, 75)
 QUICK = {4: (50, 75)}
 QUICK_WIDE = (30, 40)
@@ -433,14 +434,12 @@ def process_image(path: Path) -> ImageResult:
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
         return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
 
-    from pillow_sdlatent.core import transform_coder
-
     budgets: dict[int, int] = {}
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
         rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
         coder = settings_for(q, "auto", model.latent_channels).coder  # the method "auto" stands for
-        rtag += f"|{coder}" + (f"-st{transform_coder.STREAM_VERSION}" if coder == "transform" else "")
+        rtag += f"|{coder}-format{FORMAT_VERSION}"  # files of the draft streams are another cache entry
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)
@@ -1045,7 +1044,7 @@ def headline(res: dict[str, Any]) -> list[str]:
             + f", {a['psnr']:.2f} dB"
             + (f", JOD {a['jod']:.2f}" if a["jod"] is not None else "")
             + f" (README: {r[0]:.3f} bpp, {r[1]:.2f} dB, JOD {r[2]:.2f}; the .sdl container around palette and "
-            "indices adds about 294 bytes, 0.006 bpp at 768x512, 124 of them the preview chunk)."
+            "indices adds about 207 bytes, 0.004 bpp at 768x512, 69 of them the preview chunk)."
         )
     return out
 
@@ -1155,8 +1154,8 @@ def write_docs(path: Path, out: Path) -> None:
         "## Method notes",
         "",
         "- bpp counts the whole file of every codec (container, headers, .sdl's preview chunk) over the image's "
-        "pixels. .sdl files are what `Image.save` writes by default, `prVw` preview chunk included: 124 bytes with "
-        "4 latent channels (0.0025 bpp at 768x512), 796 bytes with TAEF2's 32 (0.016 bpp); `--no-preview` drops it.",
+        "pixels. .sdl files are what `Image.save` writes by default, `prVw` preview chunk included: 69 bytes with "
+        "4 latent channels (0.0014 bpp at 768x512), 405 bytes with TAEF2's 32 (0.008 bpp); `--no-preview` drops it.",
         "- Means of a codec at a budget are over the images that fit ('fits k/N'); in the plots, budgets that "
         "every image fits are joined by lines and the others are hollow markers (a mean over the images that fit, "
         "biased towards the easier ones).",

@@ -236,8 +236,8 @@ def context_bits(symbols: np.ndarray, levels: np.ndarray | None = None) -> tuple
 def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tuple[int, ...], ldat: bytes) -> dict:
     """Coding statistics of a transform stream: its bands' ideal code length under the stream's own models,
     from re-encoding the decoded coefficient symbols (the encoder is deterministic: the same stream, whose
-    ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes;
-    the range-coded parameters are in the payload but not in the ideal bits);
+    ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes,
+    of the range-coded parameters too);
     'residual_order0_bits' is the order-0 entropy of each band (the DC bands' after prediction not counted)."""
     from pillow_sdlatent.core import transform_coder as tc
 

@@ -45,7 +45,7 @@ DEFAULT_IMAGES = [KODAK / f"kodim{i:02d}.png" for i in (1, 3, 5, 8, 11, 13, 15, 
 def transform(
     z: np.ndarray, q: int, rgb: np.ndarray, slope: float | None = None, rho: float | None = None
 ) -> tuple[int, np.ndarray]:
-    """Coder 3 (core/transform_coder.py) with band-weight slope and dead zone as given: (coded bits, latents)."""
+    """The transform quantizer with band-weight slope and dead zone as given: (coded bits, latents)."""
     with (
         patch.object(tc, "WEIGHT_SLOPE", tc.WEIGHT_SLOPE if slope is None else slope),
         patch.object(tc, "RHO", tc.RHO if rho is None else rho),

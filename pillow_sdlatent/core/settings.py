@@ -53,7 +53,7 @@ def settings_for(
     ``auto`` = ``transform`` (the default): a 4x4 DCT of each latent channel, its coefficients quantized
     with a step of ``0.28 * 2 ** ((60 - quality) / 13)`` latent units (quality 75: 0.113) times a band
     weight that grows with frequency (1 at DC, 3 at the highest band), per-channel weights for 4-channel
-    latents and dead-zone rounding, each band range coded (coder 2).
+    latents and dead-zone rounding, each band range coded (the range coder, id 2).
     ``scalar``: scalar quantization of each channel's min..max range to
     ``round(2 ** (1 + 7 * quality / 100))`` levels (quality 0: 2, 75: 76,
     100: 256), then zstd.

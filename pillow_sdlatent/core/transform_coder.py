@@ -297,8 +297,8 @@ def encode_symbols(
     symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weights: Sequence[int], costs: list[float] | None = None
 ) -> bytes:
     """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` and band weights;
-    ``costs``, if given, receives the ideal bits of each band batch under its model (what the coder spends up
-    to its rounding, the parameters not counted)."""
+    ``costs``, if given, receives the ideal bits of each batch under its model, parameters included (what the
+    range coder spends up to its rounding)."""
     S = np.asarray(symbols).astype(np.int64)
     levels = np.asarray(levels).astype(np.int64).ravel()
     if S.ndim != 3 or levels.size != S.shape[0] or (levels < 2).any() or (levels > 65536).any():
@@ -337,14 +337,13 @@ def encode_symbols(
             choose(target.ravel() + zero[c] - pred, L)
         for u, v in ZIGZAG[1 : nb[c]]:
             choose(S[c, u::BLOCK, v::BLOCK].ravel() - zero[c], L)
-    enc = rc.new_encoder()
-    rc.encode_batch(enc, np.concatenate(coefs), _COEF_L, *COEF_MODEL)
     ref = [models[i] if i >= 0 else (0, 0) for i in refs]
     dsh = np.array([m[0] - f[0] for m, f in zip(models, ref, strict=True)], np.int64)
     drk = np.array([rc.ranks()[m[1]] - rc.ranks()[f[1]] for m, f in zip(models, ref, strict=True)], np.int64)
-    rc.encode_batch(enc, dsh, _SHIFT_L, *SHIFT_MODEL)
-    rc.encode_batch(enc, drk, _RANK_L, *RANK_MODEL)
-    for (r, L), (sh, shape) in zip(batches, models, strict=True):
+    parameters = [(np.concatenate(coefs), _COEF_L, COEF_MODEL), (dsh, _SHIFT_L, SHIFT_MODEL),
+                  (drk, _RANK_L, RANK_MODEL)]  # fmt: skip
+    enc = rc.new_encoder()
+    for r, L, (sh, shape) in [*parameters, *((r, L, m) for (r, L), m in zip(batches, models, strict=True))]:
         rc.encode_batch(enc, r, L, sh, shape)
         if costs is not None and r.size:
             costs.append(float(rc.model_costs(r, L)[sh, shape]))
