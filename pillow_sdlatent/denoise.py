@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import options
+from .errors import UNetNotFoundError
 from .models.device import pick_device, pick_dtype
 
 DEFAULT_UNET = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -43,10 +44,6 @@ EMBEDDING_KEY = "empty_prompt_embedding"
 
 #: Scheduler steps over the whole schedule; ``strength`` picks how many of the last ones run.
 DEFAULT_STEPS = 50
-
-
-class UNetNotFoundError(FileNotFoundError):
-    """The denoising U-Net (or its conditioning) cannot be loaded here."""
 
 
 @dataclass

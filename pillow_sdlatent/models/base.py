@@ -12,11 +12,8 @@ from typing import Any
 
 import torch
 
+from ..errors import NonFiniteOutputError
 from .tiling import TilePlan, images_per_run, plan_tiles, run_tiled, tile_pixels
-
-
-class NonFiniteOutputError(RuntimeError):
-    """The autoencoder produced NaN or inf even in float32."""
 
 
 class Autoencoder(ABC):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelNotFoundError
 from .base import Autoencoder
 from .device import pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
@@ -42,10 +43,6 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 _cache: dict[tuple[str, str, str], Autoencoder] = {}
 _locks: dict[tuple[str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model a file or option names cannot be loaded here."""
 
 
 def default_spec() -> str:

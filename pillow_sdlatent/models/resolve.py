@@ -9,12 +9,9 @@ from pathlib import Path
 import torch
 
 from ..core.header import FINGERPRINT_SIZE, Header
+from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder
-from .registry import ALIASES, ModelNotFoundError, load_model, loaded_sources
-
-
-class ModelMismatchError(ValueError):
-    """The model at hand is not the one the file was written with."""
+from .registry import ALIASES, load_model, loaded_sources
 
 
 def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
