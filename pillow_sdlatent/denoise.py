@@ -89,14 +89,14 @@ _lock = threading.Lock()
 
 
 def default_spec() -> str:
-    return options.DENOISE_MODEL or os.environ.get("SDLATENT_DENOISE_MODEL") or DEFAULT_UNET
+    return options.resolve("DENOISE_MODEL") or DEFAULT_UNET
 
 
 def load_denoiser(spec: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> Denoiser:
     """Load (once per process) the U-Net, a DDIM scheduler and the empty-prompt embedding of ``spec``."""
     spec = str(spec or default_spec())
-    dev = pick_device(device or options.DEVICE)
-    dt = pick_dtype(dev, dtype or options.DTYPE)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
     key = (spec, str(dev), str(dt))
     with _lock:
         if key not in _cache:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import options
 from ._atomic import atomic_write
 from .core import codec
 from .core.container import write_chunks
@@ -189,7 +188,7 @@ def write_latents(
 def _resolve(model: Autoencoder | str | os.PathLike[str] | None, device: str | None) -> Autoencoder:
     if isinstance(model, Autoencoder):
         return model
-    return load_model(model, device or options.DEVICE, options.DTYPE)
+    return load_model(model, device)
 
 
 def encode_images(

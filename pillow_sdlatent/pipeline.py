@@ -7,7 +7,6 @@ imports it only when an image is encoded or decoded.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import replace
 
@@ -78,17 +77,8 @@ def to_uint8(images: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def refine_steps(refine: int | None = None) -> int:
-    """Refinement steps: ``refine`` if given, else ``options.REFINE``, else ``SDLATENT_REFINE``, else 0."""
-    value: object = refine if refine is not None else options.REFINE
-    if value is None:
-        env = os.environ.get("SDLATENT_REFINE", "").strip()
-        try:
-            value = int(env) if env else 0
-        except ValueError:
-            raise ValueError(f"SDLATENT_REFINE must be a number of steps >= 0, got {env!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"refine must be a number of steps >= 0, got {value!r}")
-    return value
+    """Refinement steps (``options.resolve("REFINE", refine)``: argument > options > environment > 0)."""
+    return options.resolve("REFINE", refine)
 
 
 def encode_latents(model: Autoencoder, rgb: np.ndarray, refine: int | None = None) -> np.ndarray:
@@ -167,7 +157,7 @@ def encode_image(
     """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``);
     ``refine``: latent refinement steps (see :func:`refine_steps`)."""
     if not isinstance(model, Autoencoder):
-        model = load_model(model, device or options.DEVICE, options.DTYPE)
+        model = load_model(model, device)
     stored, rgb, alpha = split_image(im)
     latents, settings = latents_for_file(model, rgb, encode_latents(model, rgb), settings, refine)
     return latents_to_chunks(
@@ -235,17 +225,16 @@ def decode_image(
     if not isinstance(model, Autoencoder):
         model = model_for_file(
             lf.header,
-            model or options.DECODE_MODEL,
-            allow_mismatch=options.ALLOW_MODEL_MISMATCH if allow_mismatch is None else allow_mismatch,
-            device=device or options.DEVICE,
-            dtype=options.DTYPE,
+            options.resolve("DECODE_MODEL", model),
+            allow_mismatch=options.resolve("ALLOW_MODEL_MISMATCH", allow_mismatch),
+            device=device,
         )
-    strength = options.DENOISE if denoise is None else denoise
+    strength = options.resolve("DENOISE", denoise)
     latents = None
     if strength:
         from .denoise import maybe_denoise
 
-        latents = maybe_denoise(lf.latents(), strength, denoise_model, device or options.DEVICE)
+        latents = maybe_denoise(lf.latents(), strength, denoise_model, device)
     im = Image.fromarray(decode_rgb(lf, model, latents), "RGB")
     mode = lf.header.mode
     if mode in ("L", "LA"):

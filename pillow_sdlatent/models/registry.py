@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import options
 from ..errors import ModelNotFoundError
 from .base import Autoencoder
 from .device import pick_device, pick_dtype
@@ -46,7 +47,7 @@ _guard = threading.Lock()
 
 
 def default_spec() -> str:
-    return os.environ.get("SDLATENT_MODEL") or DEFAULT_MODEL
+    return options.resolve("MODEL") or DEFAULT_MODEL
 
 
 def load_model(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from .. import options
 from ..core.header import FINGERPRINT_SIZE, Header
 from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder
@@ -19,14 +19,14 @@ def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
 
     Models this process already loaded under that id first (a file saved with
     ``model=folder`` opens again without naming the folder), then
-    ``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
-    by the id under each directory of ``SDLATENT_MODEL_PATH``, then the id
+    ``options.MODEL``/``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
+    by the id under each directory of ``options.MODEL_PATH``/``SDLATENT_MODEL_PATH``, then the id
     itself as an alias, hub id or path.
     """
     specs = [(spec, True) for spec in loaded_sources(model_id)]
-    if env := os.environ.get("SDLATENT_MODEL"):
-        specs.append((env, True))
-    for root in filter(None, os.environ.get("SDLATENT_MODEL_PATH", "").split(os.pathsep)):
+    if spec := options.resolve("MODEL"):
+        specs.append((spec, True))
+    for root in options.resolve("MODEL_PATH"):
         folder = Path(root).expanduser() / model_id
         if folder.exists():
             specs.append((str(folder), False))
