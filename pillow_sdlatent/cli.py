@@ -286,21 +286,21 @@ class Converter:
     # encoding: images -> .sdl
 
     def encode(self, jobs: list[Job]) -> None:
-        from .core.settings import settings_for
         from .models import load_model
+        from .pipeline import settings_chooser
 
         try:
             model = load_model(self.args.model, self.args.device)
-            settings = settings_for(self.args.quality, self.args.method, model.latent_channels)
+            settings_chooser(model.latent_channels, self.args.quality, self.args.method)  # bad options: fail now
         except Exception as exc:
             for job in jobs:
                 self.fail(job, f"cannot load the encoder: {_describe(exc)}")
             return
         bs = self.args.batch_size
         for start in range(0, len(jobs), bs):
-            self._encode_batch(model, settings, jobs[start : start + bs])
+            self._encode_batch(model, jobs[start : start + bs])
 
-    def _encode_batch(self, model: Any, settings: Any, jobs: list[Job]) -> None:
+    def _encode_batch(self, model: Any, jobs: list[Job]) -> None:
         from .pipeline import encode_batch, split_image
 
         loaded = []
@@ -332,23 +332,23 @@ class Converter:
                 self.fail(job, z)
                 continue
             try:
-                self._write_sdl(job, model, settings, z, size, stored, rgb, alpha, info)
+                self._write_sdl(job, model, z, size, stored, rgb, alpha, info)
             except Exception as exc:
                 self.fail(job, exc)
 
-    def _write_sdl(self, job: Job, model: Any, settings: Any, z: Any, size: tuple[int, int], stored: str,
-                   rgb: Any, alpha: Any, info: dict) -> None:  # fmt: skip
-
+    def _write_sdl(self, job: Job, model: Any, z: Any, size: tuple[int, int], stored: str, rgb: Any, alpha: Any,
+                   info: dict) -> None:  # fmt: skip
         from ._atomic import atomic_write
         from .core.container import write_chunks
-        from .pipeline import latents_for_file, latents_to_chunks
+        from .pipeline import encode_chunks
 
-        z, settings = latents_for_file(model, rgb, z, settings, self.args.refine)  # refine= steps, if any
         if isinstance(info.get("exif"), Image.Exif):
             info["exif"] = info["exif"].tobytes()
-        # The same chunks Image.save writes, the prVw preview included unless --no-preview.
-        preview_of = None if self.args.no_preview else rgb
-        chunks = latents_to_chunks(z, model, settings, size, stored, alpha, info=info, preview_of=preview_of)
+        # The encode path Image.save takes after the encoder (refinement, codec, the prVw preview unless --no-preview).
+        chunks = encode_chunks(
+            z, model, size=size, mode=stored, alpha=alpha, rgb=rgb, quality=self.args.quality,
+            method=self.args.method, refine=self.args.refine, preview=not self.args.no_preview, info=info,
+        )  # fmt: skip
         job.dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(job.dst) as f:
             write_chunks(f, chunks)
