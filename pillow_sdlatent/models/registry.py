@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ def load_model(
         if key not in _cache:
             model = _load_uncached(spec, dev, dt)
             model.spec = spec
+            model.float32_loader = partial(load_model, spec, dev, torch.float32)
             _cache[key] = model
         return _cache[key]
 
