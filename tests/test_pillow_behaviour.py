@@ -137,3 +137,19 @@ def test_no_plugin_entry_point() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert "PIL.plugins" not in text
     assert callable(pillow_sdlatent.register_sdlatent_opener)
+
+
+def test_missing_model_message_says_each_thing_once(no_model: None) -> None:
+    import warnings
+
+    data = build_file(64, 64, "RGB", 4, QuantSettings("scalar", 16), 1, model_id="stabilityai/sd-vae-ft-mse")
+    for action in (lambda: Image.new("RGB", (16, 16)).save(io.BytesIO(), "SDL"),
+                   lambda: Image.open(io.BytesIO(data)).load()):  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(pillow_sdlatent.ModelNotFoundError) as info:
+                action()
+        text = str(info.value)
+        assert text.count("Download it once") == 1 and text.count("model=...") == 1, text
+        assert ".." not in text.replace("model=...", "").replace("../shared", ""), text
+        assert not [w for w in caught if "local_dir_use_symlinks" in str(w.message)]

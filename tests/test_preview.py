@@ -184,18 +184,6 @@ def test_thumbnail_uses_the_preview_without_the_model(files: dict[str, bytes], m
     assert im.size == (10, 7)  # 90x60's aspect in 11x7
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No model can be found: none named by the environment, none cached, none loaded in this process."""
-    monkeypatch.delenv("SDLATENT_MODEL", raising=False)
-    monkeypatch.delenv("SDLATENT_MODEL_PATH", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    from pillow_sdlatent.models import clear_cache
-
-    clear_cache()  # a model loaded earlier in this process would be found by its id
-
-
 def test_thumbnail_above_one_eighth_needs_the_model(files: dict[str, bytes], no_model: None) -> None:
     im = Image.open(io.BytesIO(files["RGB"]))
     with pytest.raises(FileNotFoundError, match=r"im\.thumbnail\(size\) for any size up to 11x7"):

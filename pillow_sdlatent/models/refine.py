@@ -56,6 +56,7 @@ class Autoencoder(Protocol):
 
     def _tile_pixels(self, tile_size: int | None) -> int: ...
 
+
 #: Adam's learning rate (latent units; SD latents have a std of about 1) against the float decode.
 #: Measured on kodim01 with TAESD, 20 steps, then quantized at quality 60: 0.05 gave 22.29 dB at
 #: 0.137 bpp; 0.02: 22.00 dB; 0.1: 22.51 dB but 0.141 bpp; 0.08 with cosine decay: 22.21 dB; unrefined 21.25 dB.

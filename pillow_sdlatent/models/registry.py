@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +46,13 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 _cache: dict[tuple[str, str, str], Autoencoder] = {}
 _locks: dict[tuple[str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
+
+
+#: How to make a missing model available; said once at the end of every missing-model message.
+FIX = (
+    "Download it once with network access, or point options.MODEL / SDLATENT_MODEL (or model=...) at a local "
+    "diffusers or TAESD folder (e.g. ../shared/models/taesd)"
+)
 
 
 def default_spec() -> str:
@@ -128,17 +136,20 @@ def _load_diffusers(
         import diffusers
 
         only_local = offline or local
-        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
-        cls = _vae_class(config)
-        vae = cls.from_pretrained(source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
+            cls = _vae_class(config)
+            vae = cls.from_pretrained(
+                source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32
+            )
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
         where = "folder" if local else "Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
+        detail = str(exc).strip().rstrip(".")
         raise ModelNotFoundError(
-            f"model {model_id!r} could not be loaded from the {where}: {type(exc).__name__}: {exc}. "
-            f"Download it once with network access, or set SDLATENT_MODEL / pass model=... to a local "
-            f"diffusers or TAESD folder (e.g. ../shared/models/taesd)"
+            f"model {model_id!r} could not be loaded from the {where} ({type(exc).__name__}: {detail}). {FIX}"
         ) from exc
     return DiffusersAutoencoder(vae, model_id, device, dtype)
 

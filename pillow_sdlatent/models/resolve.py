@@ -11,7 +11,7 @@ from .. import options
 from ..core.header import FINGERPRINT_SIZE, Header
 from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder
-from .registry import ALIASES, load_model, loaded_sources
+from .registry import ALIASES, FIX, load_model, loaded_sources
 
 
 def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
@@ -53,7 +53,7 @@ def model_for_file(
         try:
             model = load_model(spec, device, dtype)
         except (ModelNotFoundError, FileNotFoundError) as exc:
-            tried.append(f"{spec}: {exc}")
+            tried.append(f"{spec}: {str(exc).replace(FIX, '').strip().rstrip('.')}")
             continue
         if model.model_id == header.model_id or not must_match:
             _check(header, model, spec, allow_mismatch or unknown)
@@ -65,7 +65,7 @@ def model_for_file(
     raise ModelNotFoundError(
         f"model {header.model_id!r}{hint} that this file was written with is not available here. Tried: "
         + "; ".join(tried)
-        + ". Point SDLATENT_MODEL (or SDLATENT_MODEL_PATH, folders holding it) at it, or pass model=..."
+        + f". {FIX}; or add a folder holding it under its id to options.MODEL_PATH / SDLATENT_MODEL_PATH"
     )
 
 
