@@ -1,4 +1,4 @@
-"""Rate-distortion benchmark: .sdl against the original SD method, JPEG, WebP, AVIF and JPEG XL (issue 4).
+"""Rate-distortion benchmark: .sdl against the original SD method, JPEG, WebP, AVIF and JPEG XL.
 
     python benchmarks/rd.py [--model SPEC ...] [--images DIR|FILE ...] [--quality Q ...] [--out bench-out]
                             [--docs docs/benchmarks.md] [--quick] [--crop N] [--limit N] [--jobs N]
