@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,15 @@ def test_missing_model_message_says_each_thing_once(no_model: None) -> None:
         assert text.count("Download it once") == 1 and text.count("model=...") == 1, text
         assert ".." not in text.replace("model=...", "").replace("../shared", ""), text
         assert not [w for w in caught if "local_dir_use_symlinks" in str(w.message)]
+
+
+def test_sitecustomize_recipe_registers_for_tools_you_cannot_edit(tmp_path: Path) -> None:
+    """README's recipe: a sitecustomize.py importing pillow_sdlatent makes every Python process read .sdl."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import pillow_sdlatent  # noqa: F401\n")
+    sdl = tmp_path / "a.sdl"
+    sdl.write_bytes(build_file(24, 16, "RGB", 4, QuantSettings("scalar", 16), 1))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"}
+    code = f"from PIL import Image; im = Image.open({str(sdl)!r}); print(im.format, im.size)"  # a tool's own code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "SDL (24, 16)"
