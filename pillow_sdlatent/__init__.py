@@ -1,8 +1,9 @@
 """pillow-sdlatent: images stored as compressed autoencoder latents, as a Pillow plugin.
 
 ``import pillow_sdlatent`` registers the ``SDL`` format (``.sdl``) with Pillow.
-This import is cheap: torch and diffusers load only when an image is encoded
-or decoded.
+This import is cheap (Pillow and the standard library): numpy, zstandard and the
+range coder load when the first file is opened, torch and diffusers when an
+image is encoded or fully decoded.
 """
 
 from __future__ import annotations

@@ -121,7 +121,10 @@ class SdlImageFile(ImageFile.ImageFile):
             raise ValueError("Operation on closed image" if self._closed() else "the file was verified or closed")
         self.fp.seek(self.tile[0].offset)
         info = {**self.info, "_ancillary": dict(self.ancillary)}
-        return codec.read_body(self.fp, self.header, info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        lf = codec.read_body(self.fp, self.header, info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        self.ancillary.update(lf.info.get("_ancillary", {}))  # chunks after the data, as Pillow's PNG reader
+        self.info.update((k, v) for k, v in lf.info.items() if not k.startswith("_"))
+        return lf
 
     def _closed(self) -> bool:
         return isinstance(getattr(self, "_im", None), Image.DeferredError)
