@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,7 +89,7 @@ def _cap_address_space(extra: int) -> str:
         return "none (not Linux)"
 
 
-def fuzz(targets: list[str], seconds: float, seed: int, crash_dir: Path, guided: bool) -> int:
+def fuzz(targets: list[str], seconds: float, seed: int, crash_dir: Path, guided: bool, measure: bool = True) -> int:
     rng = random.Random(seed)
     seeds = seed_files()
     with_model = model_seeds() if "load" in targets else {}
@@ -100,6 +101,9 @@ def fuzz(targets: list[str], seconds: float, seed: int, crash_dir: Path, guided:
     cov = LineCoverage()
     outcomes: dict[str, Counter] = {t: Counter() for t in targets}
     crashes: dict[str, bytes] = {}
+    # per target, the case with the highest traced peak (Python and numpy allocations) and the slowest one
+    worst: dict[str, dict[str, tuple[float, bytes, str]]] = {t: {"peak": (0, b"", ""), "time": (0, b"", "")}
+                                                              for t in targets}  # fmt: skip
     execs = 0
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
@@ -107,14 +111,26 @@ def fuzz(targets: list[str], seconds: float, seed: int, crash_dir: Path, guided:
         corpus = corpora["load" if target == "load" else "model-free"]
         data = mutate(rng.choice(corpus), rng)
         try:
-            if guided:
-                with cov.track() as found:
+            if measure:
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            try:
+                if guided:
+                    with cov.track() as found:
+                        outcome = run_one(TARGETS[target], data)
+                    if found[0] and len(data) < 1 << 16:
+                        corpus.append(data)
+                else:
                     outcome = run_one(TARGETS[target], data)
-                if found[0] and len(data) < 1 << 16:
-                    corpus.append(data)
-            else:
-                outcome = run_one(TARGETS[target], data)
+            finally:
+                elapsed = time.perf_counter() - t0
+                peak = tracemalloc.get_traced_memory()[1] if measure else 0
+                if measure:
+                    tracemalloc.stop()
             outcomes[target][outcome] += 1
+            for key, value in (("peak", peak), ("time", elapsed)):
+                if value > worst[target][key][0]:
+                    worst[target][key] = (value, data, outcome)
         except Crash as exc:
             key = f"{target}: {str(exc).splitlines()[0][:160]}"
             if key not in crashes:
@@ -133,6 +149,17 @@ def fuzz(targets: list[str], seconds: float, seed: int, crash_dir: Path, guided:
         print(f"\n[{t}] {sum(kinds.values())} executions, {len(kinds)} distinct outcomes (exception@raising line):")
         for outcome, n in kinds.most_common():
             print(f"  {n:8d}  {outcome}")
+    if measure:
+        print("\nworst cases (traced peak: Python and numpy allocations; time: wall clock, coverage tracing on):")
+        for t in targets:
+            for key, (value, data, outcome) in worst[t].items():
+                if not data:
+                    continue
+                crash_dir.mkdir(parents=True, exist_ok=True)
+                path = crash_dir / f"worst-{key}-{t}.sdl"
+                path.write_bytes(data)
+                shown = f"{value / 2**20:.1f} MiB" if key == "peak" else f"{value * 1e3:.0f} ms"
+                print(f"  [{t}] {key}: {shown}, {len(data)}-byte input, {outcome} ({path})")
     print(f"\ncrashes: {len(crashes)}")
     for key in crashes:
         print(f"  {key}")
@@ -146,6 +173,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
     ap.add_argument("--no-coverage", action="store_true", help="skip line tracing (faster, blind mutation)")
+    ap.add_argument("--no-measure", action="store_true", help="skip the per-case memory and time measurement")
     ap.add_argument("--memory-cap-mib", type=int, default=1024, help="address space allowed on top of startup")
     args = ap.parse_args()
     targets = args.targets.split(",")
@@ -162,7 +190,7 @@ def main() -> int:
     else:
         cap = _cap_address_space(args.memory_cap_mib << 20)
     print(f"targets {targets}, {len(MUTATORS)} mutators, address-space cap {cap}, hang limit {HANG_SECONDS} s")
-    return fuzz(targets, args.seconds, args.seed, args.crash_dir, not args.no_coverage)
+    return fuzz(targets, args.seconds, args.seed, args.crash_dir, not args.no_coverage, not args.no_measure)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from PIL import Image
 
 from . import options
 from .errors import (
+    DecodeBudgetError,
     FormatError,
+    ModelLoadError,
     ModelMismatchError,
     ModelNotFoundError,
     NonFiniteOutputError,
@@ -76,7 +78,9 @@ register_sdlatent_opener()
 
 __all__ = [
     "BudgetError",
+    "DecodeBudgetError",
     "FormatError",
+    "ModelLoadError",
     "ModelMismatchError",
     "ModelNotFoundError",
     "NonFiniteOutputError",

@@ -11,18 +11,23 @@ class                     derives from                raised when
 ``BudgetError``           ``ValueError``              no setting fits ``target_size``/``target_bpp``
 ``ModelNotFoundError``    ``FileNotFoundError``       the model a file or option names cannot be loaded
 ``ModelMismatchError``    ``ValueError``              the weights at hand are not the file's
+``ModelLoadError``        ``ModelNotFoundError``      a model's weight files are there but unusable
+``DecodeBudgetError``     ``DecompressionBombError``  decoding would cost more than ``options.DECODE_BUDGET``
 ``NonFiniteOutputError``  ``RuntimeError``            the autoencoder gives NaN/inf even in float32
 ``UNetNotFoundError``     ``FileNotFoundError``       the denoising U-Net cannot be loaded
 ========================  ==========================  ==================================================
 
-This module imports nothing but the standard library, so ``except pillow_sdlatent.ModelNotFoundError``
-costs no torch import. ``PreviewError`` and ``BudgetError`` are still defined by the model-free core
-(:mod:`.core.preview`, :mod:`.core.ratecontrol`) and served from here on first access.
+This module imports nothing but the standard library and ``PIL.Image`` (which registering the plugin
+imports anyway), so ``except pillow_sdlatent.ModelNotFoundError`` costs no torch import.
+``PreviewError`` and ``BudgetError`` are still defined by the model-free core (:mod:`.core.preview`,
+:mod:`.core.ratecontrol`) and served from here on first access.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from PIL import Image
 
 
 class FormatError(OSError, ValueError):
@@ -47,6 +52,15 @@ class ModelMismatchError(ValueError):
     """The model at hand is not the one the file was written with."""
 
 
+class ModelLoadError(ModelNotFoundError):
+    """A model's weight files exist but cannot be used (garbage, truncated, or another architecture)."""
+
+
+class DecodeBudgetError(Image.DecompressionBombError):
+    """Decoding this file would cost more than the decode budget (``options.DECODE_BUDGET``): a
+    ``PIL.Image.DecompressionBombError``, the error image tools already catch for oversized files."""
+
+
 class NonFiniteOutputError(RuntimeError):
     """The autoencoder produced NaN or inf even in float32."""
 
@@ -68,7 +82,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BudgetError",  # noqa: F822  (served by __getattr__)
+    "DecodeBudgetError",
     "FormatError",
+    "ModelLoadError",
     "ModelMismatchError",
     "ModelNotFoundError",
     "NonFiniteOutputError",

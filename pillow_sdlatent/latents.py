@@ -30,6 +30,7 @@ from .core import codec
 from .core.container import write_chunks
 from .core.header import FINGERPRINT_SIZE, Header
 from .core.settings import QuantSettings
+from .limits import check_decode_cost
 from .models import Autoencoder, load_model
 from .pipeline import ModelIdentity, decode_batch, encode_batch, encode_chunks, refine_steps, split_image
 
@@ -42,7 +43,9 @@ def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> co
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return read_latent_file(f, allow_truncated=allow_truncated)
-    return codec.read_body(source, codec.read_head(source), allow_truncated=allow_truncated)
+    head = codec.read_head(source)
+    check_decode_cost(head.header)  # Image.MAX_IMAGE_PIXELS and the decode budget, as Image.open applies them
+    return codec.read_body(source, head, allow_truncated=allow_truncated)
 
 
 def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:

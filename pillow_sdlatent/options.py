@@ -21,6 +21,8 @@ TILE_SIZE              SDLATENT_TILE_SIZE           chosen from the model and th
 REFINE                 SDLATENT_REFINE              0
 DENOISE                SDLATENT_DENOISE             0.0
 DENOISE_MODEL          SDLATENT_DENOISE_MODEL       ``stable-diffusion-v1-5/stable-diffusion-v1-5``
+ALLOW_DOWNLOAD         SDLATENT_ALLOW_DOWNLOAD      False: a file makes the package download only its known models
+DECODE_BUDGET          SDLATENT_DECODE_BUDGET       64000000 padded pixels a decode may cost (0: none)
 =====================  ===========================  =================================================
 
 :func:`resolve` applies that order; every module asks it, none reads ``SDLATENT_*`` itself.
@@ -74,6 +76,17 @@ DENOISE: float | None = None
 #: Diffusers pipeline folder or hub id of the denoising U-Net.
 DENOISE_MODEL: str | None = None
 
+#: Let decoding download a model a file names that the package does not know (its aliases: the SD, SDXL,
+#: SD3 and FLUX VAEs and the TAESD family). Off: a file never chooses what is downloaded; such models are
+#: looked up in the Hugging Face cache and the local folders only. Saving downloads the model you ask for.
+ALLOW_DOWNLOAD: bool | None = None
+
+#: Most pixels, counted at the autoencoder's padded size, that opening (or ``read_latents``) accepts to
+#: decode: neural decoding costs about 1,000 times what PNG decoding does per pixel, so Pillow's
+#: ``MAX_IMAGE_PIXELS`` (which still applies) is too loose on its own. 64 M passes photos up to about
+#: 60 Mpx; 0 turns the budget off. Over it, ``Image.open`` raises :class:`~pillow_sdlatent.DecodeBudgetError`.
+DECODE_BUDGET: int | None = None
+
 
 def _parse(kind: str, value: Any, from_env: bool) -> Any:
     """``value`` checked for ``kind``; the environment's text converted first. Raises ValueError."""
@@ -119,7 +132,7 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
 _KINDS = {
     "text": "must be a non-empty string",
     "paths": f"must be folders separated by {os.pathsep!r}, or a list of folders",
-    "count": "must be a number of steps >= 0",
+    "count": "must be a whole number >= 0",
     "side": "must be 0 (never tile) or a side in pixels",
     "strength": "must be a number in 0..1",
     "flag": "must be True or False",
@@ -138,6 +151,8 @@ SETTINGS: dict[str, tuple[str | None, str, Any]] = {
     "REFINE": ("SDLATENT_REFINE", "count", 0),
     "DENOISE": ("SDLATENT_DENOISE", "strength", 0.0),
     "DENOISE_MODEL": ("SDLATENT_DENOISE_MODEL", "text", None),
+    "ALLOW_DOWNLOAD": ("SDLATENT_ALLOW_DOWNLOAD", "flag", False),
+    "DECODE_BUDGET": ("SDLATENT_DECODE_BUDGET", "count", 64_000_000),
 }
 
 

@@ -325,6 +325,25 @@ def decode_rgb(lf: LatentFile, model: Autoencoder, latents: np.ndarray | None = 
     return to_uint8(model.decode(z), lf.header.height, lf.header.width)
 
 
+def decode_model(
+    header: Header,
+    model: Autoencoder | str | None = None,
+    *,
+    allow_mismatch: bool | None = None,
+    device: str | None = None,
+) -> Autoencoder:
+    """The model that decodes a file of ``header``: found, its channels, scale and fingerprint checked,
+    from the header alone (callers ask it before they decode a single latent)."""
+    if isinstance(model, Autoencoder):
+        return model
+    return model_for_file(
+        header,
+        options.resolve("DECODE_MODEL", model),
+        allow_mismatch=options.resolve("ALLOW_MODEL_MISMATCH", allow_mismatch),
+        device=device,
+    )
+
+
 def decode_image(
     lf: LatentFile,
     model: Autoencoder | str | None = None,
@@ -339,13 +358,7 @@ def decode_image(
     ``denoise`` (default ``options.DENOISE``): diffusion denoising strength, 0 = off
     (see :mod:`pillow_sdlatent.denoise`; it may alter content).
     """
-    if not isinstance(model, Autoencoder):
-        model = model_for_file(
-            lf.header,
-            options.resolve("DECODE_MODEL", model),
-            allow_mismatch=options.resolve("ALLOW_MODEL_MISMATCH", allow_mismatch),
-            device=device,
-        )
+    model = decode_model(lf.header, model, allow_mismatch=allow_mismatch, device=device)
     strength = options.resolve("DENOISE", denoise)
     latents = None
     if strength:

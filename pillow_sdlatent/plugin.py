@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .core import codec
-    from .core.header import Header
 
 FORMAT = "SDL"
 MIME = "image/x-sdlatent"
@@ -37,7 +36,7 @@ SAVE_OPTIONS: dict[str, str] = {
     "target_size": "a budget in bytes instead of quality: the highest quality that fits",
     "target_bpp": "a budget in bits per pixel instead of quality",
     "refine": "latent refinement steps through the decoder (default: options.REFINE, SDLATENT_REFINE, 0)",
-    "preview": "store the model-free 1/8-scale preview map (default True, about 124 bytes)",
+    "preview": "store the model-free 1/8-scale preview map (default True; 69 bytes with 4 latent channels)",
     "model": "model spec (default: options.MODEL, SDLATENT_MODEL, then the SD VAE)",
     "device": "cpu, cuda, cuda:N, mps (default: options.DEVICE, SDLATENT_DEVICE, then the best available)",
     "dither": "error-diffusion strength 0..1 for palettes",
@@ -55,35 +54,6 @@ def _accept(prefix: bytes) -> bool:
     return prefix[:8] == SIGNATURE
 
 
-def _check_decode_cost(header: Header) -> None:
-    """Pillow's decompression-bomb rule applied to what decoding really costs.
-
-    Pillow checks ``width * height`` after ``_open``; the autoencoder decodes the
-    image padded to whole latent cells (a 1-pixel-high image at factor 64 decodes
-    64 rows) and the reader holds every latent value, so both are held to the
-    same ``Image.MAX_IMAGE_PIXELS`` before any data is read.
-    """
-    limit = Image.MAX_IMAGE_PIXELS
-    if not limit:
-        return
-    f = header.downscale
-    padded = header.latent_width * f * header.latent_height * f
-    values = header.channels * header.latent_height * header.latent_width
-    what, cost = max((("padded pixels", padded), ("latent values", values)), key=lambda x: x[1])
-    if cost > 2 * limit:
-        raise Image.DecompressionBombError(
-            f"decoding this {header.width}x{header.height} image needs {cost} {what}, more than twice the "
-            f"limit of {limit} (Image.MAX_IMAGE_PIXELS); it could be a decompression bomb DOS attack"
-        )
-    if cost > limit and header.width * header.height <= limit:  # else Pillow's own check warns
-        warnings.warn(
-            f"decoding this image needs {cost} {what}, more than the limit of {limit}; "
-            "it could be a decompression bomb DOS attack",
-            Image.DecompressionBombWarning,
-            stacklevel=3,
-        )
-
-
 class SdlImageFile(ImageFile.ImageFile):
     format = FORMAT
     format_description = "Stable Diffusion latent image"
@@ -97,7 +67,9 @@ class SdlImageFile(ImageFile.ImageFile):
 
         self.head = codec.read_head(self.fp)
         header = self.header = self.head.header
-        _check_decode_cost(header)
+        from .limits import check_decode_cost
+
+        check_decode_cost(header, stacklevel=4)
         self._size = (header.width, header.height)
         self._mode = header.mode
         self.info.update(self.head.info)
@@ -180,8 +152,10 @@ class SdlImageFile(ImageFile.ImageFile):
         if self._closed():
             raise ValueError("Operation on closed image")
         if self.tile and self.tile[0].codec_name == "sdl":
+            # the model is found and checked (channels, scale, fingerprint) before a single latent is decoded
+            model = None if self._draft_scale > 1 else self._decode_model()
             lf = self.read_latent_file()
-            decoded = self._render_preview(lf) if self._draft_scale > 1 else self._decode_full(lf)
+            decoded = self._render_preview(lf) if model is None else self._decode_full(lf, model)
             if decoded.mode != self.mode:
                 decoded = decoded.convert(self.mode)
             self.load_prepare()
@@ -207,19 +181,23 @@ class SdlImageFile(ImageFile.ImageFile):
             im.putalpha(Image.fromarray(np.clip(np.rint(reduced), 0, 255).astype(np.uint8), "L"))
         return im
 
-    def _decode_full(self, lf: codec.LatentFile) -> Image.Image:
+    def _decode_model(self) -> Any:
         opts = self.decoder_options
         try:
-            from .pipeline import decode_image
+            from .pipeline import decode_model
         except ImportError as exc:
             raise self._with_preview_hint(exc, f"decoding .sdl files needs torch ({exc})") from exc
         try:
-            return decode_image(
-                lf, opts.get("model"), allow_mismatch=opts.get("allow_model_mismatch"), device=opts.get("device"),
-                denoise=opts.get("denoise"), denoise_model=opts.get("denoise_model"),
-            )  # fmt: skip
+            mismatch, device = opts.get("allow_model_mismatch"), opts.get("device")
+            return decode_model(self.header, opts.get("model"), allow_mismatch=mismatch, device=device)
         except (ModelNotFoundError, ModelMismatchError) as exc:
             raise self._with_preview_hint(exc, str(exc)) from exc
+
+    def _decode_full(self, lf: codec.LatentFile, model: Any) -> Image.Image:
+        from .pipeline import decode_image
+
+        opts = self.decoder_options
+        return decode_image(lf, model, denoise=opts.get("denoise"), denoise_model=opts.get("denoise_model"))
 
     def _with_preview_hint(self, exc: Exception, message: str) -> Exception:
         w, h, f = *self.size, self.header.downscale

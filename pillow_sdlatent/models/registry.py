@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import options
-from ..errors import ModelNotFoundError
+from ..errors import ModelLoadError, ModelNotFoundError
 from .base import Autoencoder
 from .device import pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
@@ -43,6 +43,10 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "taef1": ("madebyollin/taef1", None),
 }
 
+#: The hub repositories of the aliases: the only ones a file can make this package download, and only where
+#: the hub is reachable (:func:`download_allowed`); any other id a file names is looked up locally.
+KNOWN_REPOS = frozenset(hub for hub, _ in ALIASES.values())
+
 _cache: dict[tuple[str, str, str], Autoencoder] = {}
 _locks: dict[tuple[str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
@@ -60,9 +64,15 @@ def default_spec() -> str:
 
 
 def load_model(
-    spec: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    spec: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    download: bool = True,
 ) -> Autoencoder:
-    """Load (once per process) the autoencoder a spec names."""
+    """Load (once per process) the autoencoder a spec names. ``download=False``: from local files and the
+    Hugging Face cache only (what decoding a file uses for ids it may not download, see
+    :func:`download_allowed`)."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -73,14 +83,14 @@ def load_model(
         lock = _locks.setdefault(key, threading.Lock())
     with lock:  # one loader per key; other keys load in parallel
         if key not in _cache:
-            model = _load_uncached(spec, dev, dt)
+            model = _load_uncached(spec, dev, dt, download)
             model.spec = spec
             model.float32_loader = partial(load_model, spec, dev, torch.float32)
             _cache[key] = model
         return _cache[key]
 
 
-def _load_uncached(spec: str, device: torch.device, dtype: torch.dtype) -> Autoencoder:
+def _load_uncached(spec: str, device: torch.device, dtype: torch.dtype, download: bool = True) -> Autoencoder:
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_taesd_folder(path):
@@ -89,18 +99,57 @@ def _load_uncached(spec: str, device: torch.device, dtype: torch.dtype) -> Autoe
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ModelNotFoundError(f"single-file checkpoint {spec!r} does not exist")
-        return _load_single_file(path, device, dtype)
-    if spec in ALIASES:
-        hub_id, sub = ALIASES[spec]
-        return _load_diffusers(hub_id, sub, hub_id if sub is None else f"{hub_id}/{sub}", device, dtype)
-    parts = spec.split("/")
-    if len(parts) in (2, 3) and all(parts) and not path.exists() and not spec.startswith((".", "/", "~")):
-        # "org/name" or "org/name/subfolder" (a pipeline repository's vae/)
-        return _load_diffusers("/".join(parts[:2]), parts[2] if len(parts) == 3 else None, spec, device, dtype)
+        return _load_single_file(path, device, dtype, download)
+    if (hub := hub_repo(spec)) is not None:
+        hub_id, sub = hub
+        model_id = spec if spec not in ALIASES else hub_id if sub is None else f"{hub_id}/{sub}"
+        return _load_diffusers(hub_id, sub, model_id, device, dtype, download)
     raise ModelNotFoundError(
         f"model {spec!r} is neither a folder, a .safetensors/.ckpt file, an alias "
         f"({', '.join(ALIASES)}) nor a Hugging Face hub id; set SDLATENT_MODEL or pass model=..."
     )
+
+
+def hub_repo(spec: str) -> tuple[str, str | None] | None:
+    """(repository, subfolder) of an alias or a hub id ("org/name" or "org/name/subfolder"), else None."""
+    if spec in ALIASES:
+        return ALIASES[spec]
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(p and p not in (".", "..") for p in parts) or spec.startswith("~"):
+        return None
+    return None if Path(spec).exists() else ("/".join(parts[:2]), parts[2] if len(parts) == 3 else None)
+
+
+def download_allowed(spec: str) -> bool:
+    """May decoding a file that names ``spec`` download it? Only a repository the package knows (its
+    aliases), and only where the hub answers; any other id with ``options.ALLOW_DOWNLOAD`` /
+    ``SDLATENT_ALLOW_DOWNLOAD`` set for the process (then too only where the hub answers)."""
+    hub = hub_repo(spec)
+    if hub is None or hub_offline():
+        return False
+    return (hub[0] in KNOWN_REPOS or bool(options.resolve("ALLOW_DOWNLOAD"))) and hub_reachable()
+
+
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hugging Face endpoint (``HF_ENDPOINT``, else huggingface.co) accepts a TCP connection
+    within ``timeout`` seconds; asked once per process. Without it huggingface_hub would retry for half a
+    minute before a missing model's error."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    key = f"{address[0]}:{address[1]}"
+    if key not in _reachable:
+        try:
+            socket.create_connection(address, timeout).close()
+            _reachable[key] = True
+        except OSError:
+            _reachable[key] = False
+    return _reachable[key]
 
 
 def hub_offline() -> bool:
@@ -118,7 +167,7 @@ def _vae_class(config: dict) -> type:
 
 
 def _load_diffusers(
-    source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype
+    source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype, download: bool = True
 ) -> Autoencoder:
     from .diffusers_vae import DiffusersAutoencoder
 
@@ -135,26 +184,34 @@ def _load_diffusers(
     try:
         import diffusers
 
-        only_local = offline or local
+        only_local = offline or local or not download
         with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
             config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
             cls = _vae_class(config)
-            vae = cls.from_pretrained(
-                source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32
-            )
+            vae = cls.from_pretrained(  # safetensors only: weights that cannot carry code
+                source, subfolder=subfolder, local_files_only=only_local, use_safetensors=True,
+                torch_dtype=torch.float32,
+            )  # fmt: skip
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        where = "folder" if local else "Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
+        if local:  # the folder is there: say which and why
+            raise ModelLoadError(f"{source}: not a loadable diffusers VAE ({type(exc).__name__}: {exc})") from exc
+        where = (
+            "folder" if local else "Hugging Face cache (HF_HUB_OFFLINE is set)" if offline
+            else "Hugging Face cache (no download for this id)" if not download else "Hugging Face hub"
+        )  # fmt: skip
         detail = str(exc).strip().rstrip(".")
         raise ModelNotFoundError(
             f"model {model_id!r} could not be loaded from the {where} ({type(exc).__name__}: {detail}). {FIX}"
         ) from exc
+    except Exception as exc:  # safetensors and torch raise their own types on a garbage weight file
+        raise ModelLoadError(f"{source}: its weights cannot be loaded ({type(exc).__name__}: {exc})") from exc
     return DiffusersAutoencoder(vae, model_id, device, dtype)
 
 
-def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Autoencoder:
+def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, download: bool = True) -> Autoencoder:
     """A ``.safetensors``/``.ckpt`` VAE checkpoint (original LDM or diffusers key names).
 
     Its architecture comes from a diffusers ``config.json`` in the same folder
@@ -177,7 +234,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> A
             vae = cls.from_single_file(
                 str(path),
                 config=str(config_dir) if config_dir else None,
-                local_files_only=hub_offline() or None,
+                local_files_only=hub_offline() or not download or None,
                 torch_dtype=torch.float32,
             )
     except ModelNotFoundError:

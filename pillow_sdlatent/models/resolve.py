@@ -11,7 +11,7 @@ from .. import options
 from ..core.header import FINGERPRINT_SIZE, Header
 from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder
-from .registry import ALIASES, FIX, load_model, loaded_sources
+from .registry import ALIASES, FIX, KNOWN_REPOS, download_allowed, hub_repo, load_model, loaded_sources
 
 
 def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
@@ -21,16 +21,22 @@ def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
     ``model=folder`` opens again without naming the folder), then
     ``options.MODEL``/``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
     by the id under each directory of ``options.MODEL_PATH``/``SDLATENT_MODEL_PATH``, then the id
-    itself as an alias, hub id or path.
+    as an alias or hub id (downloaded only as :func:`.registry.download_allowed` says). A file never
+    names a path: an id that is absolute, climbs with ``..`` or starts with ``~`` is looked up only among
+    loaded models and ``options.MODEL``.
     """
     specs = [(spec, True) for spec in loaded_sources(model_id)]
     if spec := options.resolve("MODEL"):
         specs.append((spec, True))
-    for root in options.resolve("MODEL_PATH"):
-        folder = Path(root).expanduser() / model_id
-        if folder.exists():
-            specs.append((str(folder), False))
-    specs.append((model_id, False))
+    parts = model_id.replace("\\", "/").split("/")
+    plain = bool(model_id) and not model_id.startswith(("/", "~")) and ".." not in parts and ":" not in model_id
+    if plain:
+        for root in options.resolve("MODEL_PATH"):
+            folder = Path(root).expanduser() / model_id
+            if folder.exists():
+                specs.append((str(folder), False))
+        if hub_repo(model_id) is not None:
+            specs.append((model_id, False))
     return specs
 
 
@@ -50,8 +56,9 @@ def model_for_file(
         return model
     tried: list[str] = []
     for spec, must_match in candidate_specs(header.model_id):
-        try:
-            model = load_model(spec, device, dtype)
+        try:  # the file's own id may not make the package download (options.ALLOW_DOWNLOAD)
+            download = must_match or spec != header.model_id or download_allowed(spec)
+            model = load_model(spec, device, dtype, download=download)
         except (ModelNotFoundError, FileNotFoundError) as exc:
             tried.append(f"{spec}: {str(exc).replace(FIX, '').strip().rstrip('.')}")
             continue
@@ -66,7 +73,16 @@ def model_for_file(
         f"model {header.model_id!r}{hint} that this file was written with is not available here. Tried: "
         + "; ".join(tried)
         + f". {FIX}; or add a folder holding it under its id to options.MODEL_PATH / SDLATENT_MODEL_PATH"
+        + _download_hint(header.model_id)
     )
+
+
+def _download_hint(model_id: str) -> str:
+    """The opt-in that lets decoding download a hub id the package does not know (none for known ones)."""
+    hub = hub_repo(model_id)
+    if hub is None or hub[0] in KNOWN_REPOS:
+        return ""
+    return "; or, if you trust this id, let decoding download it: options.ALLOW_DOWNLOAD / SDLATENT_ALLOW_DOWNLOAD=1"
 
 
 def _check(header: Header, model: Autoencoder, spec: str, allow: bool) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError
 from .base import Autoencoder, fingerprint_tensors
 from .diffusers_vae import TINY_FINGERPRINT_EXTRA
 
@@ -100,11 +101,23 @@ def find_weights(folder: Path) -> tuple[str, Path, Path]:
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a weight file: safetensors, or ``torch.load(weights_only=True)`` (no pickled code);
+    :class:`ModelLoadError` naming the file when it is not one."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle and zip errors have no common base
+        raise ModelLoadError(
+            f"{path}: not a readable {path.suffix} weight file ({type(exc).__name__}: {exc}); expected a "
+            f"TAESD-family state dict, as in madebyollin's taesd repository"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: holds no state dict of tensors; expected a TAESD-family state dict")
+    return state
 
 
 def is_taesd_folder(path: Path) -> bool:
@@ -123,10 +136,16 @@ class TaesdAutoencoder(Autoencoder):
         name, enc_path, dec_path = find_weights(folder)
         enc_state = {k: v.float() for k, v in load_state(enc_path).items()}
         dec_state = {k: v.float() for k, v in load_state(dec_path).items()}
-        self.encoder = build_encoder(enc_state)
-        self.decoder = build_decoder(dec_state)
-        self.encoder.load_state_dict(enc_state)
-        self.decoder.load_state_dict(dec_state)
+        for path, state, build, part in ((enc_path, enc_state, build_encoder, "encoder"),
+                                         (dec_path, dec_state, build_decoder, "decoder")):  # fmt: skip
+            try:
+                net = build(state)
+                net.load_state_dict(state)
+            except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+                raise ModelLoadError(
+                    f"{path}: not a TAESD-family {part} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                ) from exc
+            setattr(self, part, net)
         self.model_id = name
         self.source = str(folder)
         self.latent_channels = int(dec_state["1.weight"].shape[1])
