@@ -99,11 +99,14 @@ __all__ = [
 _LAZY = {
     "load_model": "models",
     "read_latents": "latents",
+    "read_latents_batch": "latents",
     "write_latents": "latents",
     "encode_images": "latents",
     "decode_latents": "latents",
     "latent_loader": "latents",
     "image_loader": "latents",
+    "LatentDataset": "dataset",
+    "LatentIterableDataset": "dataset",
     "PreviewError": "errors",  # defined by the model-free core, served by errors.py
     "BudgetError": "errors",
 }

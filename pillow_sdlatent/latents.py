@@ -62,6 +62,33 @@ def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:
     return torch.from_numpy(lf.latents()), lf.header
 
 
+def read_latents_batch(
+    sources: Sequence[PathOrFile], *, stack: bool = True
+) -> tuple[torch.Tensor | list[torch.Tensor], list[Header]]:
+    """The latents and headers of many files (a training batch), read as :func:`read_latents` reads one.
+
+    Returns ``(latents, headers)``: with ``stack`` (the default) ``latents`` is one ``(N, C, h, w)`` float32
+    tensor, and files of different latent shapes raise ValueError naming the first odd one; without it, a
+    list of ``(C, h, w)`` tensors. For a torch ``DataLoader`` use :mod:`pillow_sdlatent.dataset`.
+    """
+    files = [read_latent_file(s) for s in sources]
+    headers = [lf.header for lf in files]
+    if not stack:
+        return [torch.from_numpy(lf.latents()) for lf in files], headers
+    if not files:
+        raise ValueError("read_latents_batch(stack=True) needs at least one file (its shape sets the batch's)")
+    shape = files[0].header.latent_shape
+    out = torch.empty((len(files), *shape), dtype=torch.float32)
+    for i, (src, lf) in enumerate(zip(sources, files, strict=True)):
+        if lf.header.latent_shape != shape:
+            raise ValueError(
+                f"file {i} ({src if isinstance(src, (str, os.PathLike)) else 'a stream'}) has latents of shape "
+                f"{lf.header.latent_shape}, the first file {shape}: pass stack=False for a list"
+            )
+        out[i] = torch.from_numpy(lf.latents())
+    return out, headers
+
+
 def _as_numpy(latents: LatentArray) -> np.ndarray:
     if isinstance(latents, torch.Tensor):
         latents = latents.detach().to("cpu", torch.float32).numpy()
@@ -304,5 +331,6 @@ __all__ = [
     "latent_loader",
     "read_latent_file",
     "read_latents",
+    "read_latents_batch",
     "write_latents",
 ]
