@@ -177,9 +177,9 @@ def decode_batch(dec: Decoder, n: int, L: int, sh: int, shape: int) -> np.ndarra
     hh = b - (R + 1)
     r = hh << sh
     if sh > 0:
-        r += dec.decode(_uniform(1 << sh), n).astype(np.int64)
+        r += dec.decode(_uniform(1 << sh), n)
     sel = (b == 0) | (b == NB - 1)
-    count = int(sel.sum())
+    count = np.count_nonzero(sel)  # (much cheaper than sel.sum() on the small batches of a stream)
     if count:
         e = dec.decode(_uniform(escape_alphabet(L, sh)), count).astype(np.int64)
         r[sel] += (np.where(b[sel] == 0, -R - 1 - e, R + 1 + e) - hh[sel]) << sh

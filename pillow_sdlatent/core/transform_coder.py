@@ -152,24 +152,32 @@ def dequantize(
 ) -> np.ndarray:
     """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says.
 
-    Channel by channel: the float64 temporaries hold one channel's plane, not the whole latent."""
+    A group of channels at a time (the same operations on every value, so the same bits as one channel at a
+    time): the float64 temporaries hold at most about DEQUANT_GROUP values, not the whole latent."""
     C, H, W = symbols.shape
     h, w = shape
-    zero = (np.asarray(levels, np.int64) - 1) // 2
-    sc = np.asarray(scale, np.float32).astype(np.float64)
-    off = np.asarray(offset, np.float32).astype(np.float64)
+    col = (-1, 1, 1)
+    zero = ((np.asarray(levels, np.int64) - 1) // 2).reshape(col)
+    sc = np.asarray(scale, np.float32).astype(np.float64).reshape(col)
+    off = np.asarray(offset, np.float32).astype(np.float64).reshape(col)
     wp = _weight_plane(weights, H, W)
     out = np.empty((C, h, w), np.float32)
+    step = max(1, DEQUANT_GROUP // (H * W))
     with np.errstate(over="ignore", invalid="ignore"):  # the caller checks finiteness
-        for c in range(C):
-            X = symbols[c].astype(np.float64)
-            X -= zero[c]  # exact: |q| < 2**16
-            X *= sc[c]
+        for c in range(0, C, step):
+            g = slice(c, c + step)
+            X = symbols[g].astype(np.float64)
+            X -= zero[g]  # exact: |q| < 2**16
+            X *= sc[g]
             X *= wp
             y = inverse(X)
-            y += off[c]
-            out[c] = y[:h, :w]
+            y += off[g]
+            out[g] = y[:, :h, :w]
     return out
+
+
+#: Values :func:`dequantize` transforms at once (a few MB of float64 temporaries).
+DEQUANT_GROUP = 1 << 18
 
 
 # ---------------------------------------------------------------- DC prediction (spec section 5.3.3)
@@ -424,11 +432,13 @@ def decode_symbols(
                     raise ValueError("decoded DC symbol out of its alphabet")
                 plane[...] = s.reshape(plane.shape) - zero[c]
                 S[c, BLOCK * y0 :: 2 * BLOCK, BLOCK * x0 :: 2 * BLOCK] = plane + zero[c]
-            for u, v in ZIGZAG[1 : nb[c]]:
-                s = zero[c] + rc.decode_batch(dec, hb * wb, L, *models[m])
-                m += 1
-                if s.min() < 0 or s.max() >= L:
+            if nb[c] > 1:  # the bands of a channel, checked together (one check, not one per band)
+                bands = np.stack([rc.decode_batch(dec, hb * wb, L, *models[m + i]) for i in range(nb[c] - 1)])
+                m += nb[c] - 1
+                bands += zero[c]
+                if bands.min() < 0 or bands.max() >= L:
                     raise ValueError("decoded coefficient out of its alphabet")
-                S[c, u::BLOCK, v::BLOCK] = s.reshape(hb, wb)
+                for i, (u, v) in enumerate(ZIGZAG[1 : nb[c]]):
+                    S[c, u::BLOCK, v::BLOCK] = bands[i].reshape(hb, wb)
         dec.finish()
     return S, weights
