@@ -9,8 +9,8 @@ never per epoch.
 
 The cache is one .sdl file per image (a folder, a list of files or WebDataset-style .tar shards all work:
 see ``pillow_sdlatent.dataset``), written with the scalar quantizer at 256 levels (``method="scalar",
-quality=100``): about 42 dB latent SNR in fewer bytes than raw uint8 latents, read at thousands of files a
-second per core (docs/latent-store.md). Each file still opens as an image (``Image.open``), with a preview.
+quality=100``): about 42 dB latent SNR in fewer bytes than raw uint8 latents (TAESD), read at about 2,000
+files a second per core (docs/latent-store.md). Each file still opens as an image (``Image.open``), with a preview.
 
 The model is a tiny convolutional denoiser trained with the usual epsilon-prediction loss on a cosine
 schedule: a stand-in for your UNet or DiT, so the data path is what this example shows.
