@@ -131,34 +131,42 @@ def _sample_of_file(path: str, extension: str) -> Sample:
     return Sample(p.name[: -len(extension)] if p.name.endswith(extension) else p.stem, str(p))
 
 
+#: Shards a reader keeps open at once (random access across shards reopens beyond that, oldest first).
+OPEN_SHARDS = 16
+
+
 class _Reader:
-    """Reads samples; keeps at most one shard open, and only in the process that opened it."""
+    """Reads samples; keeps up to OPEN_SHARDS shards open, only in the process that opened them."""
 
     def __init__(self, metadata: bool, extras: Sequence[str], transform: Transform | None, extension: str) -> None:
         self.metadata = metadata
         self.extras = tuple(e.lstrip(".") for e in extras)
         self.transform = transform
         self.extension = extension
-        self._open: tuple[int, str, Any] | None = None  # (pid, path, file)
+        self._pid = os.getpid()
+        self._files: dict[str, Any] = {}  # path -> open file, oldest first
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_open"] = None  # a worker opens its own files
+        state["_files"] = {}  # a worker opens its own files
         return state
 
     def _shard(self, path: str) -> Any:
-        pid = os.getpid()
-        if self._open is not None and self._open[0] == pid and self._open[1] == path:
-            return self._open[2]
-        self.close()
-        f = open(path, "rb")  # noqa: SIM115 (kept open across samples of the shard; closed by close())
-        self._open = (pid, path, f)
+        if self._pid != os.getpid():  # forked with the parent's handles: never share a file offset
+            self._pid, self._files = os.getpid(), {}
+        f = self._files.pop(path, None)
+        if f is None:
+            if len(self._files) >= OPEN_SHARDS:
+                self._files.pop(next(iter(self._files))).close()
+            f = open(path, "rb")  # noqa: SIM115 (kept open across samples; closed by close() or eviction)
+        self._files[path] = f  # most recently used last
         return f
 
     def close(self) -> None:
-        if self._open is not None and self._open[0] == os.getpid():
-            self._open[2].close()
-        self._open = None
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files = {}
 
     def _bytes(self, path: str, offset: int, size: int) -> bytes:
         f = self._shard(path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pillow_sdlatent import dataset
 from pillow_sdlatent.dataset import LatentDataset, LatentIterableDataset, index_shard, write_shard
 from pillow_sdlatent.latents import read_latents, read_latents_batch, write_latents
 
@@ -83,7 +84,8 @@ def test_map_dataset_over_a_folder_with_workers(folder: Path) -> None:
     assert batches[0][1]["width"].tolist() == [96] * 3  # header fields collate to tensors
 
 
-def test_map_dataset_over_shards_and_files(shards: list[Path], folder: Path) -> None:
+def test_map_dataset_over_shards_and_files(shards: list[Path], folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset, "OPEN_SHARDS", 2)  # random access across 4 shards evicts open handles
     files = sorted(folder.rglob("*.sdl"))[:2]
     ds = LatentDataset([*shards, *files], metadata=True, extras=("cls",))
     assert len(ds) == 4 * 3 + 2
@@ -93,6 +95,7 @@ def test_map_dataset_over_shards_and_files(shards: list[Path], folder: Path) -> 
         assert torch.equal(z, _expected(int(meta["key"])))
         if i < 12:
             assert meta["cls"] == meta["key"].encode() and meta["source"].endswith(f"{meta['key']}.sdl")
+    assert len(ds._reader._files) <= 2
     assert [s.key for s in index_shard(str(shards[1]))] == ["100", "101", "102"]
 
 
