@@ -1,14 +1,12 @@
 """Latent coder on its own: bits per latent value, distance to the entropy limits, and entropy-decoding speed.
 
     python benchmarks/coder.py [--model ../shared/models/taesd] [--images ...] [--quality 20 40 60 75 90]
-                               [--coder transform|transform-st1|context]
 
-For each image the autoencoder encodes once; then, per quality of the coder (default: coder 3 'transform',
-the default method, spec section 5.2; 'transform-st1' the same coefficients in coder 3's stream version 1, with
-its parameters stored as bytes; or coder 2 'context', section 5.1), it reports the LDAT payload in bits
-per latent value next to
-- the ideal code length of the symbols under the coder's own model (what a perfect entropy coder
-  would spend with the same probabilities: the range coder's overhead),
+For each image the autoencoder encodes once; then, per quality of the transform coder (spec sections 5.3
+and 6), it reports the LDAT payload in bits per latent value next to
+- the ideal code length of the symbols under the coder's own models, parameters (DC predictor coefficients,
+  band models) included: what a perfect entropy coder would spend with the same probabilities, so the
+  "overhead" column is the range coder's rounding and flush,
 - the order-0 entropy of the symbols (per channel histogram: what a context-free coder could reach),
 and the time to entropy-decode and dequantize the latents on one CPU core (the autoencoder is separate).
 """
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pillow_sdlatent.core import context_coder, transform_coder
+from pillow_sdlatent.core import transform_coder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KODAK = SHARED / "data" / "kodak"
@@ -44,39 +42,25 @@ def order0_bits(symbols: np.ndarray) -> float:
 
 
 def stream_header_bytes(channels: int, data: bytes) -> int:
-    if data[:2] == b"ST":
-        return transform_coder.header_size(data, channels)
-    coefficients = sum(context_coder._nfeat(c, k) for c in range(channels) for k in range(4))
-    return 3 + 2 * channels + coefficients + 8 * channels + 4
+    return transform_coder.header_size(data, channels)
 
 
-def coder_round_trip(coder: str, z: np.ndarray, quality: int, costs: list[float]) -> tuple[bytes, float, object]:
-    """(stream, encode seconds, the decode + dequantize call) of one coder on latents ``z``."""
-    if coder.startswith("transform"):
-        symbols, offset, scale, levels, weights = transform_coder.quantize(z, quality)
-        t = time.perf_counter()
-        version = 1 if coder.endswith("st1") else 2
-        data = transform_coder.encode_symbols(symbols, levels, weights, costs, version=version)
-        encode_s = time.perf_counter() - t
-
-        def decode() -> None:
-            s, w = transform_coder.decode_symbols(data, symbols.shape, levels)
-            transform_coder.dequantize(s, offset, scale, levels, w, z.shape[1:])
-
-        return data, encode_s, decode
-    symbols, offset, scale, levels = context_coder.quantize(z, quality)
+def coder_round_trip(z: np.ndarray, quality: int, costs: list[float]) -> tuple[bytes, float, object]:
+    """(stream, encode seconds, the decode + dequantize call) of the transform coder on latents ``z``."""
+    symbols, offset, scale, levels, weights = transform_coder.quantize(z, quality)
     t = time.perf_counter()
-    data = context_coder.encode_symbols(symbols, levels, costs)
+    data = transform_coder.encode_symbols(symbols, levels, weights, costs)
     encode_s = time.perf_counter() - t
 
-    def decode2() -> None:
-        context_coder.dequantize(context_coder.decode_symbols(data, symbols.shape, levels), offset, scale)
+    def decode() -> None:
+        s, w = transform_coder.decode_symbols(data, symbols.shape, levels)
+        transform_coder.dequantize(s, offset, scale, levels, w, z.shape[1:])
 
-    return data, encode_s, decode2
+    return data, encode_s, decode
 
 
-def _symbols(coder: str, z: np.ndarray, quality: int) -> np.ndarray:
-    return (transform_coder.quantize if coder.startswith("transform") else context_coder.quantize)(z, quality)[0]
+def _symbols(z: np.ndarray, quality: int) -> np.ndarray:
+    return transform_coder.quantize(z, quality)[0]
 
 
 def best_of(fn, repeats: int) -> float:
@@ -110,13 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", nargs="*", type=Path, default=sorted(KODAK.glob("kodim*.png")))
     ap.add_argument("--quality", nargs="*", type=int, default=[20, 40, 60, 75, 90])
     ap.add_argument("--repeats", type=int, default=5, help="decode timings: best of this many")
-    ap.add_argument("--coder", choices=("transform", "transform-st1", "context"), default="transform")
     args = ap.parse_args(argv)
     latents = encode_latents(args.model, args.images)
     shape = next(iter(latents.values())).shape
     print(
         f"model {args.model}, {len(latents)} images (latents {shape[0]}x{shape[1]}x{shape[2]} for the first), "
-        f"{platform.processor() or platform.machine()}, one thread, constriction, coder {args.coder}"
+        f"{platform.processor() or platform.machine()}, one thread, constriction"
     )
     print("| quality | LDAT bytes | bits/latent | ideal bits under own model | coder overhead | order-0 entropy "
           "| bytes / order-0 | encode ms | decode+dequantize ms |")  # fmt: skip
@@ -125,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for z in latents.values():
             costs: list[float] = []
-            data, encode_s, decode = coder_round_trip(args.coder, z, quality, costs)
+            data, encode_s, decode = coder_round_trip(z, quality, costs)
             decode_s = best_of(decode, args.repeats)
             payload_bits = 8 * (len(data) - stream_header_bytes(z.shape[0], data))
             rows.append((len(data), 8 * len(data) / z.size, sum(costs) / z.size, payload_bits, sum(costs),
-                         order0_bits(_symbols(args.coder, z, quality)) / z.size, encode_s, decode_s))  # fmt: skip
+                         order0_bits(_symbols(z, quality)) / z.size, encode_s, decode_s))  # fmt: skip
         n, bpl, ideal_pl, payload, ideal, h0_pl, enc, dec = (
             np.array(c, dtype=np.float64) for c in zip(*rows, strict=True)
         )

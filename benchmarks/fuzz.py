@@ -1,24 +1,7 @@
-"""Mutation fuzzer for the .sdl reader: the engine the test suite uses, and a long-run harness.
+"""Mutation fuzzer for the .sdl reader: the long-run harness.
 
-Seeds are valid small files (the spec's test vectors plus a few built here,
-model-free). Mutations: bit flips, byte edits, truncations, inserted/deleted
-ranges, chunk reorders/drops/duplicates/splices, length-field edits, chunk-type
-edits, and structure-aware edits whose CRC is recomputed so that they reach the
-parser behind the checksum: header fields set to boundary values, consistent
-forged image sizes, per-channel table entries, zstd bombs and coder swaps.
-
-Targets (each an entry of :data:`TARGETS`):
-
-* ``reader``: ``core.codec.decode_bytes`` (strict, model-free);
-* ``pillow``: ``Image.open`` + ``verify()`` through the plugin (model-free);
-* ``tolerant``: ``Image.open`` + ``read_latent_file()`` with ``LOAD_TRUNCATED_IMAGES``;
-* ``load``: ``Image.open`` + ``load()``, decoding pixels with a model (TAESD on tiny images).
-
-Allowed outcomes: a consistent result, or one of :data:`ALLOWED` (the
-exceptions the README documents). Anything else, a run longer than
-:data:`HANG_SECONDS`, or a ``MemoryError`` under the address-space cap the
-harness sets (model-free targets) is a crash; its input is written to the
-crash folder for triage and becomes a regression test in tests/regressions/.
+The engine (seeds, mutators, targets, oracle) is :mod:`pillow_sdlatent.testing`, which the tests use too;
+this script adds line-coverage guidance, an address-space cap and the report.
 
 Long run (model-free, coverage-guided by the lines of pillow_sdlatent executed)::
 
@@ -43,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pillow_sdlatent.fuzzing import (  # noqa: E402  (the engine; the tests use it too)
+from pillow_sdlatent.testing import (  # noqa: E402
     HANG_SECONDS,
     MUTATORS,
     PKG_DIR,

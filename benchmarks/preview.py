@@ -106,7 +106,7 @@ def main() -> None:
         aff = np.clip(np.rint(x @ m), 0, 255).reshape(ref.shape)
         row = (psnr(got, ref), psnr(aff, ref))
         rows.append(row)
-        prvw = len(lf.info["_ancillary"]["prVw"]) + 12
+        prvw = len(lf.preview) + 12
         print(f"| {path.stem} | {rgb_im.width}x{rgb_im.height} | {len(data)} | {prvw} | {row[0]:.2f} | {row[1]:.2f} |")
     mean = np.mean(rows, axis=0)
     print(f"| mean of {len(rows)} | | | | {mean[0]:.2f} | {mean[1]:.2f} |")

@@ -60,11 +60,12 @@ SHARED = _find_shared()
 KODAK = SHARED / "data" / "kodak"
 DEFAULT_MODEL = SHARED / "models" / "taesd"
 
-#: .sdl quality settings by latent channel count: ~0.02..0.27 bpp on Kodak for the 4-channel models with coder 3
-#: (quality 90: 0.03 JOD below TAESD's float ceiling, 0.19 below TAESDXL's); for TAEF2's 32 channels the range
-#: chosen with coder 2, 0.1..2 bpp (below quality 25 its files stopped shrinking; it neared its float ceiling
-#: only at quality 75).
+#: .sdl quality settings by latent channel count: ~0.02..0.27 bpp on Kodak for the 4-channel models with the
+#: transform coder (quality 90: 0.03 JOD below TAESD's float ceiling, 0.19 below TAESDXL's, in the draft format's
+#: runs); for TAEF2's 32 channels the range chosen with the draft's context coder, 0.1..2 bpp.
 QUALITIES = {4: (30, 40, 50, 60, 75, 90)}
+#: The .sdl format version the files of a run are written in (part of the cache key).
+FORMAT_VERSION = "1.0"
 QUALITIES_WIDE = (25, 30, 40, 50, 60, 75)
 QUICK = {4: (50, 75)}
 QUICK_WIDE = (30, 40)
@@ -423,22 +424,17 @@ def process_image(path: Path) -> ImageResult:
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
-        if lf.header.coder == "transform":
-            stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.header.weights, ldat)
-        else:
-            stats = rm.context_coder_stats(lf.symbols, lf.header.levels, ldat)
+        stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.weights, ldat)
         ctx, ctx_kt = rm.context_bits(lf.symbols, lf.header.levels)
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
         return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
-
-    from pillow_sdlatent.core import transform_coder
 
     budgets: dict[int, int] = {}
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
         rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
         coder = settings_for(q, "auto", model.latent_channels).coder  # the method "auto" stands for
-        rtag += f"|{coder}" + (f"-st{transform_coder.STREAM_VERSION}" if coder == "transform" else "")
+        rtag += f"|{coder}-format{FORMAT_VERSION}"  # files of the draft streams are another cache entry
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
         budgets[q] = ent["bytes"]
         add("sdl", f"q{q}", "sdl", q, ent["bytes"], ent)
@@ -821,9 +817,8 @@ def summarize(res: dict[str, Any]) -> str:
 
     out += [
         "",
-        f"Coding efficiency of .sdl ({lab}, the default method's coder: 3 'transform'; coder 2 'context' in "
-        "runs before 2026-12-01), bits per value of the coded array (transform: per DCT coefficient, the padded "
-        "planes) summed over all images. "
+        f"Coding efficiency of .sdl ({lab}, the default method's transform coder), bits per value of the coded "
+        "array (per DCT coefficient, the padded planes) summed over all images. "
         "'own model': the ideal code length of the symbols under the coder's own probability model (categorical "
         "bins + uniform low parts and escapes); 'order-0': per-channel histogram entropy; 'context': empirical "
         "conditional entropy given the terciles of the left and top neighbours (9 contexts per channel), and the "
@@ -1044,7 +1039,7 @@ def headline(res: dict[str, Any]) -> list[str]:
             + f", {a['psnr']:.2f} dB"
             + (f", JOD {a['jod']:.2f}" if a["jod"] is not None else "")
             + f" (README: {r[0]:.3f} bpp, {r[1]:.2f} dB, JOD {r[2]:.2f}; the .sdl container around palette and "
-            "indices adds about 294 bytes, 0.006 bpp at 768x512, 124 of them the preview chunk)."
+            "indices adds about 207 bytes, 0.004 bpp at 768x512, 69 of them the preview chunk)."
         )
     return out
 
@@ -1154,8 +1149,8 @@ def write_docs(path: Path, out: Path) -> None:
         "## Method notes",
         "",
         "- bpp counts the whole file of every codec (container, headers, .sdl's preview chunk) over the image's "
-        "pixels. .sdl files are what `Image.save` writes by default, `prVw` preview chunk included: 124 bytes with "
-        "4 latent channels (0.0025 bpp at 768x512), 796 bytes with TAEF2's 32 (0.016 bpp); `--no-preview` drops it.",
+        "pixels. .sdl files are what `Image.save` writes by default, `prVw` preview chunk included: 69 bytes with "
+        "4 latent channels (0.0014 bpp at 768x512), 405 bytes with TAEF2's 32 (0.008 bpp); `--no-preview` drops it.",
         "- Means of a codec at a budget are over the images that fit ('fits k/N'); in the plots, budgets that "
         "every image fits are joined by lines and the others are hollow markers (a mean over the images that fit, "
         "biased towards the easier ones).",
@@ -1174,9 +1169,8 @@ def write_docs(path: Path, out: Path) -> None:
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
-        "- Coding efficiency: `context_coder_stats` (coder 2) and `transform_coder_stats` (coder 3) in "
-        "benchmarks/rd_metrics.py re-run the coder's probability model (pillow_sdlatent/core/context_coder.py, "
-        "transform_coder.py) on the decoded symbols.",
+        "- Coding efficiency: `transform_coder_stats` in benchmarks/rd_metrics.py re-runs the coder's probability "
+        "model (pillow_sdlatent/core/transform_coder.py) on the decoded symbols.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -8,7 +8,6 @@ columns into "n/a (reason)" instead of stopping the benchmark.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,71 +233,16 @@ def context_bits(symbols: np.ndarray, levels: np.ndarray | None = None) -> tuple
     return emp, ada
 
 
-def context_coder_stats(symbols: np.ndarray, levels: np.ndarray, ldat: bytes) -> dict[str, float]:
-    """Bits of an LDAT stream of coder 2 next to the ideal code length of its symbols under its own model.
-
-    Re-runs the decoder's model (pillow_sdlatent/core/context_coder.py: same features, predictions and
-    bin weights, from the known symbols) and sums -log2 p of every categorical bin (weights normalised
-    in float64; the range coder quantizes them) plus the sh-bit low parts and log2(E) per escape.
-    Also the order-0 entropy of each (channel, phase) batch's residuals: what a static per-batch model
-    of the same predictions could reach without the parametric table.
-    """
-    from pillow_sdlatent.core import context_coder as cc
-
-    s_all = np.asarray(symbols).astype(np.int64)
-    n_ch, h, w = s_all.shape
-    levels = np.asarray(levels).astype(np.int64).ravel()
-    # stream header, parsed as decode_symbols does
-    nco = sum(cc._nfeat(c, k) for c in range(n_ch) for k in range(4))
-    hlen = 3 + 2 * n_ch + nco + 8 * n_ch + 4
-    p = 3
-    mu = np.frombuffer(ldat, "<u2", n_ch, p).astype(np.int64)
-    p += 2 * n_ch
-    coefs, p = cc.read_coefficients(ldat, n_ch, p)
-    params = [struct.unpack_from("BB", ldat, p + 2 * i) for i in range(4 * n_ch)]
-    dall = s_all - mu[:, None, None]
-    ideal = cat_bits = res_bits = 0.0
-    for c in range(n_ch):
-        lev = int(levels[c])
-        for k in range(4):
-            ys, xs = cc._phase_pos(h, w, k)
-            if ys.size == 0 or xs.size == 0:
-                continue
-            sh, shape = params[4 * c + k]
-            feats = cc._features(dall, c, k, ys, xs)
-            pred = cc._predict(feats, coefs[4 * c + k], int(mu[c]), lev)
-            pred = pred.ravel() if pred is not None else np.full(ys.size * xs.size, int(mu[c]), np.int64)
-            r = s_all[c][np.ix_(ys, xs)].ravel() - pred
-            hh = r >> sh
-            b = np.clip(hh + cc.R + 1, 0, cc.NB - 1)
-            wts = cc._bin_weights(shape, pred, sh, lev)
-            pb = wts[np.arange(b.size), b] / wts.sum(1)
-            cb = float(-np.log2(pb).sum())
-            esc = int(((b == 0) | (b == cc.NB - 1)).sum())
-            cat_bits += cb
-            ideal += cb + sh * r.size + esc * math.log2(max(2, (lev >> sh) + 2))
-            res_bits += _entropy_bits(r)
-    return {
-        "values": float(s_all.size),
-        "ldat_bits": 8.0 * len(ldat),
-        "header_bits": 8.0 * hlen,
-        "payload_bits": 8.0 * (len(ldat) - hlen),
-        "ideal_bits": ideal,
-        "categorical_bits": cat_bits,
-        "residual_order0_bits": res_bits,
-    }
-
-
 def transform_coder_stats(symbols: np.ndarray, levels: np.ndarray, weights: tuple[int, ...], ldat: bytes) -> dict:
-    """:func:`context_coder_stats` for a stream of coder 3 (transform): its own model's ideal code length,
+    """Coding statistics of a transform stream: its bands' ideal code length under the stream's own models,
     from re-encoding the decoded coefficient symbols (the encoder is deterministic: the same stream, whose
     ``costs`` are the -log2 p of every bin under the coder's quantized probabilities plus low parts and escapes,
-    in stream version 2 the range-coded parameters' too);
+    of the range-coded parameters too);
     'residual_order0_bits' is the order-0 entropy of each band (the DC bands' after prediction not counted)."""
     from pillow_sdlatent.core import transform_coder as tc
 
     costs: list[float] = []
-    again = tc.encode_symbols(symbols, levels, weights, costs, version=tc.stream_version(ldat))
+    again = tc.encode_symbols(symbols, levels, weights, costs)
     if again != ldat:
         raise RuntimeError("re-encoding the decoded coefficients did not give the file's LDAT")
     s_all = np.asarray(symbols).astype(np.int64)

@@ -73,7 +73,7 @@ def noise_loop(model, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--method", default="auto", help="save method of the files (auto = transform; context: coder 2)")
+    ap.add_argument("--method", default="auto", help="save method of the files (auto = transform)")
     ap.add_argument("--model", default=str(SHARED / "models" / "taesd"))
     ap.add_argument("--images", nargs="+", type=Path, help="image files (default: Kodak 1, 5, 9, 13, 17, 21)")
     ap.add_argument("--crop", type=int, help="top-left NxN crop of every image")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return timing(args)
 
     import pillow_sdlatent  # noqa: F401  (registers the plugin)
-    from pillow_sdlatent.core import context_coder
+    from pillow_sdlatent.core import transform_coder
     from pillow_sdlatent.core.codec import decode_bytes
     from pillow_sdlatent.core.settings import settings_for
     from pillow_sdlatent.models import load_model
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         z = encode_latents(model, rgb, 0)
         zf = encode_latents(model, rgb, args.steps) if "float" in variants else z  # quality-independent
         if "noise" in variants:
-            w4 = torch.tensor(context_coder.CH_WEIGHT_4 if z.shape[0] == 4 else [1.0] * z.shape[0]).view(1, -1, 1, 1)
-            noise = context_coder.quality_to_step(60) * w4
+            w4 = torch.tensor(transform_coder.channel_multipliers(z.shape[0])).view(1, -1, 1, 1)
+            noise = transform_coder.quality_to_step(60) * w4
             zn = noise_loop(model, x, torch.from_numpy(z)[None], args.steps, 0.05, noise)[0].numpy()
         for q in args.quality:
             s = settings_for(q, args.method, model.latent_channels)
@@ -186,8 +186,8 @@ def timing(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from speed import build  # the SD VAE architecture with random weights: honest for speed, not quality
 
-    from pillow_sdlatent.core import context_coder
-    from pillow_sdlatent.models.refine import dead_zone_quantizer
+    from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.models.refine import transform_quantizer
 
     device = torch.device(args.device)
     print(f"{cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, {args.threads} thread(s), "
@@ -202,7 +202,7 @@ def timing(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model.decode(z)
         dec = time.perf_counter() - t0
-        q = dead_zone_quantizer(context_coder.grid(z[0].cpu().numpy(), 60))
+        q = transform_quantizer(transform_coder.params(z[0].cpu().numpy(), 60))
         model.refine(x, z, 1, quantizer=q, tile_size=0)  # warm-up
         t0 = time.perf_counter()
         model.refine(x, z, 3, quantizer=q, tile_size=0)

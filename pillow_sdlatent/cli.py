@@ -38,7 +38,8 @@ def file_info(path: Path) -> dict[str, Any]:
     """Header, chunk list and bit rate of one .sdl file, read without any model."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        header, meta = codec.read_head(f)
+        head = codec.read_head(f)
+        header, meta = head.header, head.info
         f.seek(len(SIGNATURE))
         chunks = []
         while (chunk := _next_chunk(f)) is not None:

@@ -42,8 +42,7 @@ def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> co
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return read_latent_file(f, allow_truncated=allow_truncated)
-    header, info = codec.read_head(source)
-    return codec.read_body(source, header, info, allow_truncated=allow_truncated)
+    return codec.read_body(source, codec.read_head(source), allow_truncated=allow_truncated)
 
 
 def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:

@@ -22,7 +22,7 @@ from .core import ratecontrol
 from .core.codec import LatentFile, build_chunks, quantize
 from .core.container import Chunk, write_chunks
 from .core.header import Header
-from .core.preview import preview_chunk, reader_latents
+from .core.preview import preview_chunk
 from .core.settings import QuantSettings, settings_for
 from .models import Autoencoder, load_model, model_for_file
 
@@ -102,8 +102,8 @@ def latents_for_file(
 ) -> tuple[np.ndarray, QuantSettings]:
     """The latents and settings to write for ``latents``, the encoder's output for ``rgb``.
 
-    Without refinement: unchanged. With ``refine`` steps and the context or transform quantizer: refined
-    through that quantizer on the grid (transform: steps and offsets) the encoder's latents choose, on the
+    Without refinement: unchanged. With ``refine`` steps and the transform quantizer: refined through its
+    torch twin on the parameters (steps and offsets) the encoder's latents choose, on the
     pixel error at several scales plus a rate term, and the settings pinned to that grid (never a worse
     distortion + rate cost than the encoder's latents: see :mod:`.models.refine`). With the other quantizers
     (their grids move with the latents): refined against the float decode, and the encoder's latents
@@ -112,16 +112,12 @@ def latents_for_file(
     steps = refine_steps(refine)
     if not steps:
         return latents, settings
-    from .core import context_coder, transform_coder
-    from .models.refine import dead_zone_quantizer, transform_quantizer
+    from .core import transform_coder
+    from .models.refine import transform_quantizer
 
     x = to_tensor(rgb, model.downscale)
     z = torch.from_numpy(latents)[None]
     h, w = rgb.shape[:2]
-    if settings.coder == "context":
-        grid = settings.grid or context_coder.grid(latents, settings.quality)
-        zr = model.refine(x, z, steps, height=h, width=w, quantizer=dead_zone_quantizer(grid))
-        return zr[0].cpu().numpy().astype(np.float32), replace(settings, grid=grid)
     if settings.quantizer == "transform":
         params = settings.grid or transform_coder.params(latents, settings.quality)
         zr = model.refine(x, z, steps, height=h, width=w, quantizer=transform_quantizer(params))
@@ -141,8 +137,7 @@ def best_quantized(
     ref = torch.from_numpy(np.array(rgb, dtype=np.float32))
     errors = []
     for z in candidates:
-        fields, payload, palette = quantize(z, settings)
-        zq = reader_latents(fields, payload, palette, z.shape[1:])
+        zq = quantize(z, settings).latents(z.shape[1:])
         out = to_uint8(model.decode(torch.from_numpy(zq)[None]), h, w)
         errors.append(float((torch.from_numpy(out).float() - ref).square().mean()))
     return candidates[int(np.argmin(errors))]
@@ -305,7 +300,7 @@ def latents_to_chunks(
     ``preview_of``: the image's RGB array (H, W, 3); when given, a ``prVw`` chunk
     with the model-free preview map fitted to it is added (see core/preview.py).
     """
-    fields, payload, palette = quantize(latents, settings)
+    q = quantize(latents, settings)
     c, lh, lw = latents.shape
     header = Header(
         width=size[0],
@@ -318,12 +313,11 @@ def latents_to_chunks(
         fingerprint=model.fingerprint,
         downscale=model.downscale,
         coder=settings.coder,
-        **fields,
+        **q.fields,
     )
     if preview_of is not None:
-        seen = reader_latents(fields, payload, palette, latents.shape[1:])
-        extra = [*(extra or []), preview_chunk(seen, preview_of, mode, model.downscale)]
-    return build_chunks(header, payload, palette, alpha, info, extra)
+        extra = [*(extra or []), preview_chunk(q.latents((lh, lw)), preview_of, mode, model.downscale)]
+    return build_chunks(header, q, alpha, info, extra)
 
 
 def decode_rgb(lf: LatentFile, model: Autoencoder, latents: np.ndarray | None = None) -> np.ndarray:

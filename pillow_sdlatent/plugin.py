@@ -92,19 +92,15 @@ class SdlImageFile(ImageFile.ImageFile):
     #: :func:`pillow_sdlatent.open`). Empty: the defaults in :mod:`pillow_sdlatent.options`.
     decoder_options: dict[str, Any]
 
-    #: Ancillary chunks this reader keeps but does not interpret, by chunk type (the ``prVw`` preview among them).
-    ancillary: dict[str, bytes]
-
     def _open(self) -> None:
         from .core import codec
 
-        header, info = codec.read_head(self.fp)
+        self.head = codec.read_head(self.fp)
+        header = self.header = self.head.header
         _check_decode_cost(header)
-        self.header = header
         self._size = (header.width, header.height)
         self._mode = header.mode
-        self.ancillary = dict(info.pop("_ancillary", {}))
-        self.info.update(info)
+        self.info.update(self.head.info)
         self.info["model"] = header.model_id
         self.decoder_options = {}
         self._draft_scale = 0  # 0: draft not called; 1: full size; 8: the model-free preview
@@ -120,10 +116,8 @@ class SdlImageFile(ImageFile.ImageFile):
         if self.fp is None:
             raise ValueError("Operation on closed image" if self._closed() else "the file was verified or closed")
         self.fp.seek(self.tile[0].offset)
-        info = {**self.info, "_ancillary": dict(self.ancillary)}
-        lf = codec.read_body(self.fp, self.header, info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
-        self.ancillary.update(lf.info.get("_ancillary", {}))  # chunks after the data, as Pillow's PNG reader
-        self.info.update((k, v) for k, v in lf.info.items() if not k.startswith("_"))
+        lf = codec.read_body(self.fp, self.head, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        self.info.update(lf.info)  # metadata chunks after the data, as Pillow's PNG reader
         return lf
 
     def _closed(self) -> bool:
@@ -144,7 +138,7 @@ class SdlImageFile(ImageFile.ImageFile):
         """The file's latent->pixel preview map, or None when it has no usable ``prVw`` chunk."""
         from .core import preview
 
-        payload = self.ancillary.get(preview.CHUNK_TYPE.decode())
+        payload = self.head.preview
         if payload is None:
             return None
         try:

@@ -23,7 +23,7 @@ from pillow_sdlatent.core import entropy
 from pillow_sdlatent.core.codec import decode_bytes
 from pillow_sdlatent.core.container import FormatError
 from pillow_sdlatent.core.settings import QuantSettings
-from pillow_sdlatent.fuzzing import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
+from pillow_sdlatent.testing import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
 
 MiB = 1 << 20
 
@@ -47,8 +47,7 @@ def forge(data: bytes, ldat: bytes | None = None, alph: bytes | None = None, **f
 
 def sized(data: bytes, width: int, height: int, downscale: int = 8) -> bytes:
     """A consistent forged image size (passes header validation)."""
-    return forge(data, width=width, height=height, downscale=downscale,
-                 latent_width=-(-width // downscale), latent_height=-(-height // downscale))  # fmt: skip
+    return forge(data, width=width, height=height, downscale=downscale)
 
 
 def peak_of(fn: Callable[[], object]) -> tuple[object, int]:
@@ -115,7 +114,7 @@ def test_more_latent_values_than_pixels_is_invalid() -> None:
     chunks = split_chunks(four)
     head = bytearray(chunks[0][2])
     struct.pack_into(">H", head, HEAD_FIELDS["channels"][0], 5)
-    chunks[0] = sealed(b"HEAD", bytes(head + head[-12:]))  # a fifth channel-table row
+    chunks[0] = sealed(b"HEAD", bytes(head + head[-10:]))  # a fifth channel-table row
     with pytest.raises(FormatError, match="values per pixel"):
         decode_bytes(join_chunks(chunks))
 
@@ -143,18 +142,23 @@ def test_zstd_payload_beyond_header_is_cut_off(content_size: bool) -> None:
     bomb = zstandard.ZstdCompressor(level=3, write_content_size=content_size).compress(bytes(64 * MiB))
     assert len(bomb) < 4096  # 64 MiB of zeros in a few KiB
     err, peak = peak_of(lambda: decode_bytes(forge(BASE, ldat=bomb)))
-    assert isinstance(err, FormatError) and "more than" in str(err)
+    assert isinstance(err, FormatError) and "content size" in str(err)  # refused from the frame header
     assert peak < 3 * MiB, f"{peak} bytes allocated to reject a {need}-byte latent"
+
+
+def _declare(frame: bytes, size: int) -> bytes:
+    """``frame`` (single segment, 4-byte content size) with its declared content size set to ``size``."""
+    assert frame[4] >> 6 == 2 and frame[4] & 0x20 and not frame[4] & 3
+    return frame[:5] + struct.pack("<I", size) + frame[9:]
 
 
 def test_zstd_frame_lying_about_its_size() -> None:
     # A frame header that declares the right size but inflates further is cut off all the same.
     need = declared_bytes(BASE)
-    frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(need + 1000))
-    params = zstandard.get_frame_parameters(frame)
-    assert params.content_size == need + 1000
-    with pytest.raises(FormatError, match="more than"):
-        entropy.zstd_decompress(frame, need, "LDAT")
+    frame = _declare(zstandard.ZstdCompressor(write_content_size=True).compress(bytes(70_000 + need)), need)
+    assert zstandard.get_frame_parameters(frame).content_size == need
+    err, peak = peak_of(lambda: entropy.zstd_decompress(frame, need, "LDAT"))
+    assert isinstance(err, FormatError) and "LDAT" in str(err) and peak < 3 * MiB
 
 
 def test_declared_latent_far_beyond_payload_allocates_nothing() -> None:
@@ -164,13 +168,17 @@ def test_declared_latent_far_beyond_payload_allocates_nothing() -> None:
     assert isinstance(err, FormatError) and peak < 3 * MiB
 
 
-def test_zstd_window_larger_than_payload_is_refused() -> None:
-    # libzstd would reserve the frame's window (up to 128 MiB by default) before producing a byte.
-    cobj = zstandard.ZstdCompressor(level=22, write_content_size=False).compressobj()
-    frame = cobj.compress(bytes(declared_bytes(BASE))) + cobj.flush()
-    assert zstandard.get_frame_parameters(frame).window_size > entropy.MAX_ZSTD_WINDOW
-    err, peak = peak_of(lambda: decode_bytes(forge(BASE, ldat=frame)))
-    assert isinstance(err, FormatError) and "memory" in str(err) and peak < 3 * MiB
+def test_zstd_window_larger_than_payload_is_accepted_in_little_memory() -> None:
+    # Spec section 5: any window; with the content size declared, libzstd's buffer follows the content.
+    base = build_file(1040, 1040, "RGB", 4, QuantSettings("scalar", 64), 25)  # 67,600 symbols: 4-byte size
+    raw = decode_bytes(base).symbols.astype(np.uint8).tobytes()
+    frame = entropy.zstd_compress(raw)
+    assert frame[4] == 0xA0  # single segment, 4-byte content size: rewrite as a 128 MiB window
+    big = frame[:4] + bytes([0x80, (27 - 10) << 3]) + frame[5:]
+    assert zstandard.get_frame_parameters(big).window_size == 128 * MiB
+    lf, peak = peak_of(lambda: decode_bytes(forge(base, ldat=big)))
+    assert not isinstance(lf, Exception), lf
+    assert np.array_equal(lf.symbols, decode_bytes(base).symbols) and peak < 8 * MiB
 
 
 def test_alpha_bomb_is_cut_off() -> None:

@@ -282,7 +282,7 @@ def test_an_image_that_breaks_its_batch_fails_alone(tmp_path: Path, images: Path
 
 def _sdl_files(folder: Path, n: int) -> list[str]:
     from pillow_sdlatent.core.settings import QuantSettings
-    from pillow_sdlatent.fuzzing import build_file
+    from pillow_sdlatent.testing import build_file
 
     folder.mkdir(exist_ok=True)
     paths = [folder / f"f{i}.sdl" for i in range(n)]

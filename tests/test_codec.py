@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def make_file(
     w, h = size
     rng = np.random.default_rng(0)
     z = rng.normal(size=(channels, -(-h // 8), -(-w // 8))).astype(np.float32)
-    fields, payload, palette = quantize(z, settings)
+    q = quantize(z, settings)
     header = Header(
         width=w,
         height=h,
@@ -35,13 +36,13 @@ def make_file(
         latent_height=z.shape[1],
         latent_width=z.shape[2],
         model_id="test",
-        fingerprint=b"\x01" * 32,
+        fingerprint=b"\x01" * 16,
         coder=settings.coder,
-        **fields,
+        **q.fields,
     )
     alpha = np.arange(w * h, dtype=np.uint8).reshape(h, w) if "A" in mode else None
     buf = io.BytesIO()
-    write_chunks(buf, build_chunks(header, payload, palette, alpha, info, extra))
+    write_chunks(buf, build_chunks(header, q, alpha, info, extra))
     return buf.getvalue(), z
 
 
@@ -63,13 +64,15 @@ def test_header_roundtrip() -> None:
         latent_height=65,
         latent_width=42,
         model_id="stabilityai/stable-diffusion-3-medium-diffusers/vae",
-        fingerprint=bytes(range(32)),
+        fingerprint=bytes(range(16)),
         offset=np.linspace(-3, 3, 16).astype(np.float32),
         scale=np.full(16, 0.02, np.float32),
         levels=np.full(16, 300, np.uint32),
     )
     back = Header.unpack(h.pack())
     assert back.pack() == h.pack()
+    assert len(h.pack()) == 37 + len(h.model_id) + 10 * 16  # spec section 4
+    assert (back.latent_height, back.latent_width) == (65, 42)  # derived from the image size
     assert (back.width, back.height, back.mode, back.model_id) == (333, 517, "LA", h.model_id)
     assert back.symbol_dtype == np.dtype(">u2")
 
@@ -130,9 +133,9 @@ def test_file_roundtrip(settings: QuantSettings, mode: str) -> None:
 def test_chunk_order_and_metadata() -> None:
     info = {"exif": b"Exif\x00\x00II*\x00", "icc_profile": b"icc-bytes", "xmp": "<x:xmpmeta/>"}
     data, _ = make_file(QuantSettings("palette", 256, 8), "RGBA", info=info)
-    assert [t for t, _ in chunks_of(data)] == [b"HEAD", b"eXIf", b"iCCP", b"xMPt", b"PLTE", b"ALPH", b"LDAT", b"SEND"]
+    assert [t for t, _ in chunks_of(data)] == [b"HEAD", b"eXIf", b"iCCP", b"xMPt", b"ALPH", b"PLTE", b"LDAT", b"SEND"]
     fp = io.BytesIO(data)
-    _, got = read_head(fp)
+    got = read_head(fp).info
     assert got == {"exif": b"Exif\x00\x00II*\x00", "icc_profile": b"icc-bytes", "xmp": b"<x:xmpmeta/>"}
     assert fp.tell() == chunks_of(data)[4][1]  # read_head stops before the first data chunk
 
@@ -140,7 +143,58 @@ def test_chunk_order_and_metadata() -> None:
 def test_unknown_ancillary_chunk_is_skipped() -> None:
     data, _ = make_file(extra=[Chunk(b"zzZz", b"future")])
     lf = decode_bytes(data)
-    assert lf.info["_ancillary"] == {"zzZz": b"future"}
+    assert lf.info == {} and lf.preview is None  # skipped, not exposed
+
+
+def test_known_ancillary_chunk_counts_once() -> None:
+    # Spec section 3, rule 5: the first copy is used, later ones are ignored with a warning.
+    data, _ = make_file(extra=[Chunk(b"prVw", b"first"), Chunk(b"iCCP", b"one"), Chunk(b"prVw", b"second")],
+                        info={"icc_profile": b"zero"})  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lf = decode_bytes(data)
+    assert lf.preview == b"first" and lf.info["icc_profile"] == b"zero"
+    assert sorted(str(w.message).split()[1] for w in caught) == ["iCCP", "prVw"]
+
+
+def _with_chunk_before_send(data: bytes, chunk: bytes) -> bytes:
+    send = next(pos for t, pos in chunks_of(data) if t == b"SEND")
+    return data[:send] + chunk + data[send:]
+
+
+def test_send_must_be_empty() -> None:
+    data, _ = make_file()
+    send = next(pos for t, pos in chunks_of(data) if t == b"SEND")
+    with pytest.raises(FormatError, match="SEND chunk holds 3 bytes"):
+        decode_bytes(data[:send] + pack_chunk(b"SEND", b"abc"))
+    assert decode_bytes(data + b"trailing garbage").header.width == 40  # bytes after SEND: not the file
+
+
+def test_data_chunks_the_header_does_not_call_for_are_errors() -> None:
+    data, _ = make_file(QuantSettings("scalar", 64), "RGB")
+    with pytest.raises(FormatError, match="ALPH chunk in a RGB"):
+        decode_bytes(_with_chunk_before_send(data, pack_chunk(b"ALPH", b"\x00")))
+    with pytest.raises(FormatError, match="PLTE chunk in a RGB scalar"):
+        decode_bytes(_with_chunk_before_send(data, pack_chunk(b"PLTE", b"\x00" * 4)))
+
+
+@pytest.mark.parametrize("edit", ["skippable-first", "two-frames", "bytes-after", "no-content-size"])
+def test_zstd_payload_is_exactly_one_frame(edit: str) -> None:
+    import zstandard
+
+    from pillow_sdlatent.core.entropy import zstd_compress
+
+    data, _ = make_file(QuantSettings("scalar", 64, coder="zstd"))
+    raw = decode_bytes(data).symbols.astype(np.uint8).tobytes()
+    frame = zstd_compress(raw)
+    payload = {
+        "skippable-first": b"\x50\x2a\x4d\x18" + struct.pack("<I", 3) + b"abc" + frame,
+        "two-frames": frame + zstd_compress(b""),
+        "bytes-after": frame + b"\x00" * 64,
+        "no-content-size": zstandard.ZstdCompressor(write_content_size=False).compress(raw),
+    }[edit]
+    with pytest.raises(FormatError, match=r"skippable|after its zstd frame|content size"):
+        decode_bytes(_replace_chunk(data, b"LDAT", payload))
 
 
 def test_unknown_critical_chunk_is_an_error() -> None:
@@ -175,7 +229,7 @@ def test_payload_larger_than_header_allows() -> None:
     from pillow_sdlatent.core.entropy import zstd_compress
 
     data, _ = make_file()
-    with pytest.raises(FormatError, match="more than"):
+    with pytest.raises(FormatError, match="declares a content size of 10000000"):
         decode_bytes(_replace_chunk(data, b"LDAT", zstd_compress(b"\x00" * 10_000_000)))
 
 
@@ -195,8 +249,9 @@ def test_truncation_strict_and_tolerant() -> None:
     with pytest.raises(TruncatedError):
         decode_bytes(cut)
     fp = io.BytesIO(cut)
-    header, info = read_head(fp)
-    lf = read_body(fp, header, info, allow_truncated=True)
+    head = read_head(fp)
+    header = head.header
+    lf = read_body(fp, head, allow_truncated=True)
     assert isinstance(lf, LatentFile) and lf.truncated
     full = decode_bytes(data).symbols.reshape(-1)
     kept = full.size - (300 - 12 - 4)  # SEND chunk and LDAT's CRC are gone, then payload bytes

@@ -16,7 +16,7 @@ import pytest
 
 from pillow_sdlatent.core.codec import decode_bytes
 from pillow_sdlatent.core.settings import QuantSettings
-from pillow_sdlatent.fuzzing import build_file, sealed, split_chunks
+from pillow_sdlatent.testing import build_file, sealed, split_chunks
 
 META = {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00", "icc_profile": b"\x00\x01icc", "xmp": "<x:xmpmeta/>"}
 

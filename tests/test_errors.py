@@ -15,7 +15,7 @@ from pillow_sdlatent import errors
 def _package_exceptions() -> set[type]:
     found = set()
     for mod in pkgutil.walk_packages(pillow_sdlatent.__path__, "pillow_sdlatent."):
-        if mod.name.endswith(("__main__", ".fuzzing")):  # the fuzzer's verdicts (Crash, Hang) are not raised to users
+        if mod.name.endswith(("__main__", ".testing")):  # the fuzzer's verdicts (Crash, Hang) are not raised to users
             continue
         module = importlib.import_module(mod.name)
         for value in vars(module).values():

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pillow_sdlatent.fuzzing import (
+from pillow_sdlatent.testing import (
     MUTATORS,
     TARGETS,
     Crash,
@@ -80,18 +80,54 @@ def test_model_free_reader_survives_mutations(name: str, ops: list[tuple[int, in
     check(target, apply(SEEDS[name], ops), measure_memory=True)
 
 
+#: Outcome prefix per model-free target of each regression file (tests/regressions/README.md); a target not
+#: named must be "ok" there too unless the file's row says otherwise. Reader rules: spec sections 3, 5, 6.1, 13.
+REJECTED = {t: "FormatError" for t in MODEL_FREE}
+EXPECTED: dict[str, dict[str, str]] = {
+    "tolerant-truncated-alph": {"tolerant": "ok", "reader": "TruncatedError", "pillow": "TruncatedError"},
+    "tolerant-latent-bomb-c1024-f1": {t: "FormatError@header" for t in MODEL_FREE},
+    "tolerant-117m-latent-values": {"tolerant": "DecompressionBomb", "pillow": "DecompressionBomb",
+                                    "reader": "FormatError"},
+    "reader-transform-forged-size": {"reader": "FormatError", "pillow": "DecompressionBomb",
+                                     "tolerant": "DecompressionBomb"},
+    "rule-send-not-empty": REJECTED,
+    "rule-bytes-after-send": {t: "ok" for t in MODEL_FREE},
+    "rule-alph-in-rgb": REJECTED,
+    "rule-plte-in-scalar": REJECTED,
+    "rule-zstd-skippable-frame": REJECTED,
+    "rule-zstd-two-frames": REJECTED,
+    "rule-zstd-128mib-window": {t: "ok" for t in MODEL_FREE},
+    "rule-words-after-range-stream": REJECTED,
+    "rule-two-previews": {t: "ok" for t in MODEL_FREE},
+    "rule-preview-large-coefficients": {t: "ok" for t in MODEL_FREE},
+    "rule-300-channels-f8": {t: "FormatError@header" for t in MODEL_FREE},
+}
+
+
 @pytest.mark.parametrize("path", sorted(REGRESSIONS.glob("*.sdl")), ids=lambda p: p.stem)
 def test_regression_input(path: Path) -> None:
     data = path.read_bytes()
     outcomes = {target: check(target, data, measure_memory=True) for target in MODEL_FREE}
-    if path.stem == "tolerant-truncated-alph":
-        assert outcomes["tolerant"] == "ok" and outcomes["reader"].startswith("TruncatedError")
-    elif path.stem == "tolerant-latent-bomb-c1024-f1":
-        assert all(o.startswith("FormatError@header") for o in outcomes.values())
-    elif path.stem == "tolerant-117m-latent-values":
-        assert outcomes["tolerant"].startswith("DecompressionBomb")
-    elif path.stem == "reader-context-forged-size":
-        assert outcomes["reader"].startswith("FormatError") and outcomes["pillow"].startswith("DecompressionBomb")
+    assert path.stem in EXPECTED, f"{path.name}: add its outcome to EXPECTED and tests/regressions/README.md"
+    for target, want in EXPECTED[path.stem].items():
+        assert outcomes[target] == want if want == "ok" else outcomes[target].startswith(want), (target, outcomes)
+
+
+def test_preview_rules() -> None:
+    # Spec section 3 rule 5: the first prVw counts (mid grey), the second (white) is ignored; section 13: a
+    # large but finite map renders in binary64 without overflow, clipped.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the second prVw
+        grey = Image.open(REGRESSIONS / "rule-two-previews.sdl")
+        grey.draft("RGB", (grey.width // 8, grey.height // 8))
+        assert set(grey.convert("RGB").getdata()) == {(128, 128, 128)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        big = Image.open(REGRESSIONS / "rule-preview-large-coefficients.sdl")
+        big.draft("RGB", (big.width // 8, big.height // 8))
+        assert big.convert("RGB").getextrema() is not None
 
 
 def test_every_mutator_reaches_the_reader() -> None:

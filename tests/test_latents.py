@@ -14,9 +14,8 @@ from PIL import Image
 
 import pillow_sdlatent
 from pillow_sdlatent._atomic import atomic_write, write_bytes_atomic
-from pillow_sdlatent.core import context_coder, transform_coder
+from pillow_sdlatent.core import transform_coder
 from pillow_sdlatent.core.codec import quantize
-from pillow_sdlatent.core.preview import reader_latents
 from pillow_sdlatent.core.settings import QuantSettings, settings_for
 from pillow_sdlatent.latents import (
     decode_latents,
@@ -51,8 +50,7 @@ def taesd_dir_spec(model) -> str:
 
 def _expected(latents: torch.Tensor, settings: QuantSettings) -> np.ndarray:
     """The quantized latents, computed by the quantizer alone (no container, no coder)."""
-    fields, symbols, palette = quantize(latents.numpy(), settings)
-    return reader_latents(fields, symbols, palette, tuple(latents.shape[1:]))
+    return quantize(latents.numpy(), settings).latents(tuple(latents.shape[1:]))
 
 
 def _error_bound(settings: QuantSettings, scale: np.ndarray) -> np.ndarray:
@@ -64,7 +62,7 @@ def _error_bound(settings: QuantSettings, scale: np.ndarray) -> np.ndarray:
         per[0, 0] = 0.5
         peak = np.abs(transform_coder.BASIS).max(axis=1)
         return scale * float((np.outer(peak, peak) * w * per).sum())
-    return scale * ((1 - context_coder.RHO) if settings.coder == "context" else 0.5)
+    return scale * 0.5
 
 
 @pytest.mark.parametrize(
@@ -99,7 +97,7 @@ def test_write_latents_accepts_loaded_model_file_object_and_4d(taesd, crop_laten
 
 def test_write_latents_with_explicit_identity_loads_no_model(tmp_path) -> None:
     z = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
-    fp = bytes(range(32))
+    fp = bytes(range(16))
     path = tmp_path / "z.sdl"
     write_latents(path, z, model_id="my-vae", fingerprint=fp.hex(), size=(37, 20))
     back, header = read_latents(path)
@@ -118,7 +116,7 @@ def test_write_latents_errors_write_nothing(tmp_path, taesd) -> None:
         write_latents(path, torch.full((4, 2, 2), float("nan")), taesd)
     with pytest.raises(TypeError, match="fingerprint"):
         write_latents(path, torch.zeros(4, 2, 2), model_id="x")
-    with pytest.raises(ValueError, match="32 bytes"):
+    with pytest.raises(ValueError, match="16 bytes"):
         write_latents(path, torch.zeros(4, 2, 2), model_id="x", fingerprint=b"short")
     with pytest.raises(ValueError, match="latent size"):  # 2x2 latents cannot make a 100x100 image
         write_latents(path, torch.zeros(4, 2, 2), taesd, size=(100, 100))

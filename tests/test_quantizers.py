@@ -95,12 +95,14 @@ def test_imagequant_needs_four_channels() -> None:
 def test_zstd_bounded() -> None:
     data = entropy.zstd_compress(b"\x00" * 10_000)
     assert entropy.zstd_decompress(data, 10_000) == b"\x00" * 10_000
-    with pytest.raises(FormatError, match="more than"):
+    with pytest.raises(FormatError, match="declares a content size of 10000; the header requires 100"):
         entropy.zstd_decompress(data, 100)
     with pytest.raises(FormatError, match="header requires"):
         entropy.zstd_decompress(data, 20_000)
-    with pytest.raises(FormatError, match="corrupt zstd"):
+    with pytest.raises(FormatError, match="reserved bit"):
         entropy.zstd_decompress(b"\x28\xb5\x2f\xfd" + b"\xff" * 20, 100)
+    with pytest.raises(FormatError, match="corrupt zstd"):  # a well-formed frame whose block is garbage
+        entropy.zstd_decompress(b"\x28\xb5\x2f\xfd\x20\x64" + bytes([0x05 | (4 << 3), 0, 0]) + b"\xff" * 4, 100)
 
 
 def test_zstd_deterministic() -> None:

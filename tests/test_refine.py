@@ -107,26 +107,28 @@ def test_refinement_never_loses_to_the_encoder(taesd_dir: Path, kodak_crop: Imag
     assert psnr(kodak_crop, refined) >= psnr(kodak_crop, plain) - 0.01  # ...and the file never worse
 
 
-def test_torch_quantizer_matches_the_writer() -> None:
-    from pillow_sdlatent.core import context_coder as cc
-    from pillow_sdlatent.models.refine import dead_zone_quantizer
+@pytest.mark.parametrize("quality", [10, 30, 60, 95])
+def test_every_codec_twin_matches_its_numpy_quantizer(quality: int) -> None:
+    # One torch twin per quantizer that refinement aims at (core.codec: each codec with a twin), equal to
+    # what a reader dequantizes from the numpy quantizer's symbols, on parameters the latents chose.
+    from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.core.codec import CODECS
+    from pillow_sdlatent.core.settings import QuantSettings
 
-    rng = np.random.default_rng(3)
-    z = (rng.normal(size=(4, 9, 13)) * 0.8).astype(np.float32)
-    for quality in (30, 60, 95):
-        grid = cc.grid(z, quality)
-        sym, off, scale, _ = cc.quantize(z, quality, grid_=grid)
-        assert sym.tobytes() == cc.quantize(z, quality)[0].tobytes()  # the same grid the latents choose
-        got = dead_zone_quantizer(grid)(torch.from_numpy(z)[None])[0].numpy()
-        want = cc.dequantize(sym, off, scale)
-        assert np.allclose(got, want, atol=1e-5, rtol=0)
-        moved = z + 0.3 * np.float32(grid[0][0])  # other latents on a pinned grid keep its steps and phases
-        _, off2, sc2, _ = cc.quantize(moved, quality, grid_=grid)
-        assert sc2.tobytes() == scale.tobytes()
-        shift = (off2.astype(np.float64) - off) / scale  # whole steps: the same grid points
-        assert np.allclose(shift, np.round(shift), atol=1e-3)
-    with pytest.raises(ValueError, match="grid for 4 channels"):
-        cc.quantize(z[:2], 60, grid_=cc.grid(z, 60))
+    rng = np.random.default_rng(quality)
+    z = (np.cumsum(rng.normal(size=(4, 9, 13)), axis=2) * 0.3).astype(np.float32)
+    twins = {name: codec for name, codec in CODECS.items() if hasattr(codec, "twin")}
+    assert set(twins) == {"transform"}
+    params = transform_coder.params(z, quality)
+    settings = QuantSettings("transform", coder="transform", quality=quality, grid=params)
+    want = twins["transform"].quantize(z, settings).latents(z.shape[1:])
+    got = twins["transform"].twin(params)(torch.from_numpy(z)[None])[0].numpy()
+    assert np.allclose(got, want, atol=1e-6, rtol=0)
+    moved = z + 0.05  # other latents on pinned parameters keep the steps and offsets
+    q = twins["transform"].quantize(moved, settings)
+    assert q.fields["scale"].tobytes() == np.float32(params[0]).tobytes()
+    assert np.allclose(twins["transform"].twin(params)(torch.from_numpy(moved)[None])[0].numpy(),
+                       q.latents(z.shape[1:]), atol=1e-6, rtol=0)  # fmt: skip
 
 
 def test_refine_with_budget_fits(taesd_dir: Path, kodak_crop: Image.Image) -> None:
@@ -221,28 +223,23 @@ def test_latent_api_refines_against_float_decode(taesd_dir: Path, kodak_crop: Im
     assert torch.allclose(tensor_refined, refined, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["context", "transform"])
-def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path, method: str) -> None:
+def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path) -> None:
     # The rate term pulls latents towards the dead zone's centre: fewer bytes than refining on the MSE alone,
     # and the kept iterate's cost (MSE + weight x rate proxy) is never above the encoder latents' cost.
     from dataclasses import replace
 
-    from pillow_sdlatent.core import context_coder, transform_coder
+    from pillow_sdlatent.core import transform_coder
     from pillow_sdlatent.core.settings import settings_for
-    from pillow_sdlatent.models.refine import RATE_WEIGHT, dead_zone_quantizer, distortion, transform_quantizer
+    from pillow_sdlatent.models.refine import RATE_WEIGHT, distortion, transform_quantizer
 
     model = load_model(str(taesd_dir), "cpu")
     with Image.open(kodak_dir / "kodim23.png") as im:
         crop = im.convert("RGB").crop((0, 0, 128, 128))
     x = to_tensor(np.asarray(crop), 8)
     z = model.encode(x)
-    if method == "context":
-        grid = context_coder.grid(z[0].numpy(), 60)
-        quantizer = dead_zone_quantizer(grid)
-    else:
-        grid = transform_coder.params(z[0].numpy(), 60)
-        quantizer = transform_quantizer(grid)
-    settings = replace(settings_for(60, method, 4), grid=grid)
+    grid = transform_coder.params(z[0].numpy(), 60)
+    quantizer = transform_quantizer(grid)
+    settings = replace(settings_for(60, "transform", 4), grid=grid)
 
     def cost(latents: torch.Tensor, weight: float) -> float:
         with torch.no_grad():
@@ -252,13 +249,9 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path, method: s
     def nbits(latents: torch.Tensor) -> float:  # the coder's own ideal code length of the quantized latents
         from pillow_sdlatent.core.codec import quantize
 
-        fields, payload, _ = quantize(latents[0].numpy(), settings)
+        q = quantize(latents[0].numpy(), settings)
         costs: list[float] = []
-        if method == "context":
-            context_coder.encode_symbols(payload, fields["levels"], costs)
-        else:
-            # stream version 1: the bands' bits alone, what the proxy models (version 2 adds its parameters')
-            transform_coder.encode_symbols(payload, fields["levels"], fields["weights"], costs, version=1)
+        transform_coder.encode_symbols(q.payload, q.fields["levels"], q.weights, costs)
         return sum(costs)
 
     mse_only = refine_latents(model, x, z, 6, quantizer=quantizer, rate_weight=0)
@@ -266,8 +259,8 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path, method: s
     assert cost(mse_only, 0) <= cost(z, 0) and cost(with_rate, RATE_WEIGHT) <= cost(z, RATE_WEIGHT)
     assert cost(with_rate, RATE_WEIGHT) < cost(mse_only, RATE_WEIGHT)
     assert float(quantizer.rate(with_rate)) < float(quantizer.rate(mse_only))
-    # the rate proxy follows the coder; measured (ideal bits) context 1405 vs 1442, transform 952 vs 958
-    assert nbits(with_rate) < nbits(mse_only)
+    # the rate proxy follows the coder
+    assert nbits(with_rate) < nbits(mse_only), (nbits(with_rate), nbits(mse_only))
 
 
 def test_distortion_weighs_area_errors_above_pixel_noise(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,20 +1,19 @@
-"""Coder 3 (transform): exact dequantization, stream round trips, and rejection of bad streams (no models)."""
+"""The transform quantizer and its stream: exact dequantization, round trips, bad streams (no models)."""
 
 from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
-import constriction
 import numpy as np
 import pytest
 
-from pillow_sdlatent.core import context_coder as cc
+from pillow_sdlatent.core import rangecode as rc
 from pillow_sdlatent.core import transform_coder as tc
 from pillow_sdlatent.core.codec import build_chunks, decode_bytes, quantize, read_body, read_head
 from pillow_sdlatent.core.container import FormatError, write_chunks
 from pillow_sdlatent.core.header import Header
-from pillow_sdlatent.core.preview import reader_latents
 from pillow_sdlatent.core.settings import QuantSettings, settings_for
 
 TRANSFORM = QuantSettings("transform", coder="transform", quality=60)
@@ -27,7 +26,7 @@ def smooth_latents(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def spec_dequantize(q: np.ndarray, offset: float, scale: float, weights: list[int]) -> np.ndarray:
-    """Spec section 5.2 written out scalar by scalar in Python floats (binary64), for one 4x4 block."""
+    """Spec section 5.3 written out scalar by scalar in Python floats (binary64), for one 4x4 block."""
     T = [[float(v) for v in row] for row in tc.BASIS]
     X = [[float(int(q[u][v])) * float(np.float32(scale)) * float(weights[4 * u + v]) / 16 for v in range(4)]
          for u in range(4)]  # fmt: skip
@@ -35,7 +34,7 @@ def spec_dequantize(q: np.ndarray, offset: float, scale: float, weights: list[in
          for u in range(4)]  # fmt: skip
     y = [[((T[0][r] * t[0][x] + T[1][r] * t[1][x]) + T[2][r] * t[2][x]) + T[3][r] * t[3][x] for x in range(4)]
          for r in range(4)]  # fmt: skip
-    return np.array([[np.float32(float(np.float32(offset)) + y[r][x]) for x in range(4)] for r in range(4)])
+    return np.array([[np.float32(y[r][x] + float(np.float32(offset))) for x in range(4)] for r in range(4)])
 
 
 def test_basis_is_the_orthonormal_dct() -> None:
@@ -63,27 +62,29 @@ def test_dequantize_matches_the_spec_formula_bit_for_bit() -> None:
 
 @pytest.mark.parametrize(("shape", "quality"), [((4, 8, 12), 75), ((4, 9, 15), 40), ((1, 1, 1), 60), ((16, 6, 5), 20),
                                                  ((3, 13, 4), 100), ((4, 24, 16), 0)])  # fmt: skip
-@pytest.mark.parametrize("version", [1, 2])
-def test_stream_round_trip(shape: tuple[int, int, int], quality: int, version: int) -> None:
+def test_stream_round_trip(shape: tuple[int, int, int], quality: int) -> None:
     z = smooth_latents(sum(shape) + quality, shape)
     symbols, _, _, levels, weights = tc.quantize(z, quality)
     assert symbols.shape == (shape[0], *tc.coefficient_shape(*shape[1:]))
-    costs: list[float] = []
-    data = tc.encode_symbols(symbols, levels, weights, costs, version=version)
-    assert data[:3] == tc.MAGICS[version]
+    data = tc.encode_symbols(symbols, levels, weights)
+    assert data[0] == 32 and tc.header_size(data, shape[0]) == 1 + shape[0]  # default weights: one code byte
+    assert (len(data) - tc.header_size(data, shape[0])) % 4 == 0
     back, w2 = tc.decode_symbols(data, symbols.shape, levels)
     assert back.tobytes() == symbols.tobytes() and w2 == weights
-    assert 8 * len(data) >= sum(costs)  # the coder cannot beat its own model's ideal code length
 
 
-def test_version_2_codes_the_parameters_in_fewer_bytes() -> None:
-    z = smooth_latents(10, (4, 24, 32))
-    for q in (30, 60):
-        s, _, _, lev, w = tc.quantize(z, q)
-        v1, v2 = (tc.encode_symbols(s, lev, w, version=v) for v in (1, 2))
-        assert tc.header_size(v2, 4) == 3 + 1 + 4 + 4  # the default weights travel as one code byte
-        models = sum(n + 3 for n in tc.band_counts(v2, 4) if n)
-        assert len(v1) - len(v2) > models + 15, (q, len(v1), len(v2))  # > 1 of 2 bytes per model, 15 of weights
+def test_words_are_big_endian_and_the_stream_ends_with_its_symbols() -> None:
+    s, _, _, lev, w = tc.quantize(smooth_latents(12, (2, 8, 8)), 60)
+    data = tc.encode_symbols(s, lev, w)
+    hlen = tc.header_size(data, 2)
+    words = np.frombuffer(data[hlen:], ">u4")
+    dec = rc.Decoder(words.astype(np.uint32))
+    with rc.stream_errors():
+        a = rc.decode_batch(dec, sum(tc.feature_count(c, k) for c in range(2) for k in range(4)), 256, *tc.COEF_MODEL)
+    assert (np.abs(a) <= 128).all()  # the coefficient batch decodes from the big-endian words
+    for extra in (b"\x00\x00\x00\x07", bytes(8), b"\x01\x02\x03\x04" * 3):  # spec 6.1, end check
+        with pytest.raises(ValueError, match="after the end of the range-coded stream"):
+            tc.decode_symbols(data + extra, s.shape, lev)
 
 
 def test_weight_codes() -> None:
@@ -94,21 +95,32 @@ def test_weight_codes() -> None:
     assert tc.weight_code(odd) == tc.EXPLICIT_WEIGHTS
     s, _, _, lev, _ = tc.quantize(smooth_latents(11, (2, 8, 8)), 60)
     data = tc.encode_symbols(s, lev, odd)
-    assert data[3] == tc.EXPLICIT_WEIGHTS and tc.header_size(data, 2) == 3 + 1 + 16 + 2 + 4
+    assert data[0] == tc.EXPLICIT_WEIGHTS and tc.header_size(data, 2) == 1 + 16 + 2
     assert tc.decode_symbols(data, s.shape, lev)[1] == odd
 
 
 def test_shape_order_is_the_spec_table() -> None:
-    # spec section 5.2 lists the order; both families interleave by the weight of the centre bin
-    assert tc.SHAPE_ORDER[:12] == (0, 38, 1, 39, 2, 40, 3, 41, 4, 42, 5, 43)
-    assert tc.SHAPE_ORDER[-16:] == tuple(range(60, 76))
-    assert sorted(tc.SHAPE_ORDER) == list(range(76)) and all(tc.SHAPE_ORDER[tc.RANK[s]] == s for s in range(76))
+    # spec section 6.2 lists the order; both families interleave by the centre bin's frequency
+    spec = (Path(__file__).parents[1] / "spec" / "sdl-v1.md").read_text()
+    table = spec[spec.index("It is (ranks 0 to 75):") :].split("\n\n")[1]
+    assert rc.shape_order() == tuple(int(v) for v in table.replace(",", " ").split())
+    assert sorted(rc.shape_order()) == list(range(76)) and all(rc.shape_order()[rc.ranks()[s]] == s for s in range(76))
+
+
+def test_model_tables_are_exact_integers() -> None:
+    f = rc.frequencies()
+    assert f.shape == (76, 35) and f.dtype == np.int64 and (f >= 0).all()
+    assert (f.sum(1) == (1 << 24) - 35).all()  # the coder's leaky quantisation then gives each bin f + 1
+    assert (f[:, :17] == f[:, 35:17:-1]).all()  # symmetric around the centre bin
+    # the narrowest shape's centre costs 0.0112 bits: the bound of spec section 10 rests on it
+    assert -rc.log2_probabilities()[:, rc.R + 1].max() > 0.011
 
 
 def test_model_references() -> None:
-    # channel 0: 4 DC models (phase 0 has none), bands 1, 2; channel 1 empty; channel 2: DC, band 1
-    assert tc.model_references([3, 0, 2]) == [-1, 0, 1, 2, 3, 4, 0, 6, 7, 8, 4]
+    # channel 0: 4 DC models, bands 1, 2; channel 1: DC only; channel 2: DC, band 1 (against channel 1's phase 3)
+    assert tc.model_references([3, 1, 2]) == [-1, 0, 1, 2, 3, 4, 0, 6, 7, 8, 6, 10, 11, 12, 13]
     assert tc.model_references([1, 2]) == [-1, 0, 1, 2, 0, 4, 5, 6, 7]
+    assert tc.model_references([2, 2]) == [-1, 0, 1, 2, 3, 0, 5, 6, 7, 4]
 
 
 def test_quantization_error_shrinks_with_quality_and_high_bands_empty_out() -> None:
@@ -129,35 +141,32 @@ def test_weights_grow_with_frequency() -> None:
     assert (np.diff(w, axis=0) > 0).all() and (np.diff(w, axis=1) > 0).all()
 
 
-def test_constant_channel_codes_no_band() -> None:
+def test_constant_channel_codes_its_dc_only() -> None:
     z = np.full((2, 8, 8), 0.7, np.float32)
     z[1] = smooth_latents(4, (1, 8, 8))[0]
     s, off, sc, lev, w = tc.quantize(z, 60)
     data = tc.encode_symbols(s, lev, w)
-    assert tc.band_counts(data, 2)[0] == 0 and tc.band_counts(data, 2)[1] > 0  # channel 0 has nothing to code
+    assert tc.band_counts(data, 2)[0] == 1 and tc.band_counts(data, 2)[1] > 1  # DC is always coded
     back, _ = tc.decode_symbols(data, s.shape, lev)
     assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8))[0], z[0])
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_all_constant_latents_code_no_band_and_no_parameters(version: int) -> None:
-    z = np.full((3, 8, 8), 0.25, np.float32)
+def test_all_constant_latents_cost_a_few_words() -> None:
+    z = np.full((3, 64, 64), 0.25, np.float32)
     s, off, sc, lev, w = tc.quantize(z, 60)
-    data = tc.encode_symbols(s, lev, w, version=version)
-    assert tc.band_counts(data, 3) == [0, 0, 0]
-    if version == 2:
-        assert len(data) == tc.header_size(data, 3) == 3 + 1 + 3 + 4  # no words: nothing to range-code
+    data = tc.encode_symbols(s, lev, w)
+    assert tc.band_counts(data, 3) == [1, 1, 1] and len(data) <= 1 + 3 + 4 * 8
     back, _ = tc.decode_symbols(data, s.shape, lev)
-    assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (8, 8)), z)
+    assert np.array_equal(tc.dequantize(back, off, sc, lev, w, (64, 64)), z)
 
 
 def _file(z: np.ndarray, settings: QuantSettings = TRANSFORM) -> bytes:
-    fields, payload, palette = quantize(z, settings)
+    q = quantize(z, settings)
     c, h, w = z.shape
     header = Header(width=8 * w, height=8 * h, mode="RGB", channels=c, latent_height=h, latent_width=w,
-                    model_id="test", coder=settings.coder, **fields)  # fmt: skip
+                    model_id="test", coder=settings.coder, **q.fields)  # fmt: skip
     buf = io.BytesIO()
-    write_chunks(buf, build_chunks(header, payload, palette))
+    write_chunks(buf, build_chunks(header, q))
     return buf.getvalue()
 
 
@@ -165,23 +174,23 @@ def test_file_round_trip_gives_the_writers_latents() -> None:
     z = smooth_latents(5, (4, 10, 7))
     lf = decode_bytes(_file(z))
     assert (lf.header.quantizer, lf.header.coder) == ("transform", "transform")
-    assert lf.symbols.shape == (4, 12, 8) and lf.header.weights == tc.default_weights()
-    fields, payload, palette = quantize(z, TRANSFORM)
-    assert lf.latents().tobytes() == reader_latents(fields, payload, palette, (10, 7)).tobytes()
+    assert lf.symbols.shape == (4, 12, 8) and lf.weights == tc.default_weights()
+    assert lf.latents().tobytes() == quantize(z, TRANSFORM).latents((10, 7)).tobytes()
     assert float(np.abs(lf.latents() - z).mean()) < 0.2
 
 
 def test_default_method_is_the_transform_coder() -> None:
     assert settings_for(None) == QuantSettings("transform", coder="transform", quality=75)
-    assert settings_for(60, "context").coder == "context"
+    with pytest.raises(ValueError, match="unknown method 'context'"):
+        settings_for(60, "context")
     z = smooth_latents(6, (32, 4, 4))  # any channel count
     assert decode_bytes(_file(z, settings_for(50, "auto", 32))).latents().shape == (32, 4, 4)
 
 
 def test_header_pairs_the_transform_quantizer_with_its_coder() -> None:
     z = smooth_latents(7, (4, 4, 4))
-    fields, _, _ = quantize(z, TRANSFORM)
-    for coder in ("zstd", "context"):
+    fields = quantize(z, TRANSFORM).fields
+    for coder in ("zstd", "raw"):
         with pytest.raises(FormatError, match="transform quantizer and the transform coder"):
             Header(width=32, height=32, mode="RGB", channels=4, latent_height=4, latent_width=4, model_id="t",
                    coder=coder, **fields).validate()  # fmt: skip
@@ -206,13 +215,15 @@ def _with_ldat(data: bytes, payload: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda p: b"XX1" + p[3:], "bad stream header"),
-        (lambda p: b"ST3" + p[3:], "bad stream header"),
-        (lambda p: p[:3] + b"\xff" + bytes(16) + p[4:], "band weight 0"),
-        (lambda p: p[:4] + b"\x11" + p[5:], "more than 16 bands"),
-        (lambda p: p[:-4], "CRC mismatch|corrupt|out of range|cannot come from"),
-        (lambda p: p[:-8] + bytes(8), "CRC mismatch|corrupt|out of range"),
-        (lambda p: p[:-1], "bad stream length"),
+        (lambda p: b"", "empty transform stream"),
+        (lambda p: b"\xff" + bytes(16) + p[1:], "band weight 0"),
+        (lambda p: p[:1] + b"\x11" + p[2:], "band counts must be 1..16"),
+        (lambda p: p[:1] + b"\x00" + p[2:], "band counts must be 1..16"),
+        (lambda p: p[:3], "ends inside its"),
+        (lambda p: p[:-4], "corrupt|out of|cannot come from|after the end"),
+        (lambda p: p[:-8] + bytes(8), "corrupt|out of|after the end"),
+        (lambda p: p + bytes(64), "after the end of the range-coded stream"),
+        (lambda p: p[:-1], "multiple of 4"),
     ],
 )
 def test_corrupt_streams_are_rejected(edit, message: str) -> None:
@@ -223,22 +234,22 @@ def test_corrupt_streams_are_rejected(edit, message: str) -> None:
 
 
 def test_forged_band_count_cannot_inflate_a_tiny_payload() -> None:
-    # one channel, 16 bands; version 1: 5 DC coefficients, 19 models, the CRC, then a single word of payload
+    # one channel, 16 bands of a 4096 x 4096 plane (16 M coefficients) from one word: refused before any work
     with pytest.raises(ValueError, match="cannot come from"):
-        tc.decode_symbols(b"ST1" + bytes([16] * 16) + bytes([16]) + bytes(5 + 2 * 19 + 4) + bytes(4),
-                          (1, 4096, 4096), [3])  # fmt: skip
+        tc.decode_symbols(bytes([32, 16]) + bytes(4), (1, 4096, 4096), [3])
+    # every value counts, coded or not: DC only still declares 1 M DC symbols
     with pytest.raises(ValueError, match="cannot come from"):
-        tc.decode_symbols(b"ST2" + bytes([32, 16]) + bytes(4) + bytes(4), (1, 4096, 4096), [3])
+        tc.decode_symbols(bytes([32, 1]) + bytes(4), (1, 4096, 4096), [3])
 
 
 def test_model_out_of_range_is_rejected() -> None:
-    # a version-2 stream whose first model's rank change (-1) leaves the table: one channel, DC only
-    enc = constriction.stream.queue.RangeEncoder()
-    cc.encode_batch(enc, np.zeros(5, np.int64), np.full(5, 128), 256, *tc.COEF_MODEL)
-    cc.encode_batch(enc, np.zeros(4, np.int64), np.full(4, 16), 33, *tc.SHIFT_MODEL)
-    cc.encode_batch(enc, np.array([-1, 0, 0, 0]), np.full(4, 75), 151, *tc.RANK_MODEL)
-    data = b"ST2" + bytes([32, 1]) + bytes(4) + enc.get_compressed().astype("<u4").tobytes()
-    with pytest.raises(ValueError, match="bad model parameters"):
+    # a stream whose first model's rank change (-1) leaves the table: one channel, DC only
+    enc = rc.new_encoder()
+    rc.encode_batch(enc, np.zeros(5, np.int64), 256, *tc.COEF_MODEL)
+    rc.encode_batch(enc, np.zeros(4, np.int64), 33, *tc.SHIFT_MODEL)
+    rc.encode_batch(enc, np.array([-1, 0, 0, 0]), 151, *tc.RANK_MODEL)
+    data = bytes([32, 1]) + rc.words_of(enc)
+    with pytest.raises(ValueError, match="band model out of range"):
         tc.decode_symbols(data, (1, 4, 4), [3])
 
 
@@ -247,7 +258,7 @@ def test_truncated_file_in_tolerant_mode_decodes_to_channel_offsets() -> None:
     data = _file(z)
     a, _ = _ldat_span(data)
     fp = io.BytesIO(data[: a + 20])
-    header, info = read_head(fp)
-    lf = read_body(fp, header, info, allow_truncated=True)
+    head = read_head(fp)
+    lf = read_body(fp, head, allow_truncated=True)
     assert lf.truncated
-    assert np.array_equal(lf.latents(), np.broadcast_to(header.offset[:, None, None], (4, 8, 8)))
+    assert np.array_equal(lf.latents(), np.broadcast_to(head.header.offset[:, None, None], (4, 8, 8)))

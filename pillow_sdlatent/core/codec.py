@@ -1,19 +1,21 @@
-"""Whole-file encoding and decoding of the latent layer (no model involved).
+"""Whole-file encoding and decoding of the latent layer (no model involved): one codec object per quantizer id.
 
-Writing order: ``HEAD``, metadata (``iCCP``, ``eXIf``, ``xMPt``), ``PLTE``,
-``ALPH``, ``LDAT``, ``SEND``. :func:`read_head` stops before the first data
-chunk so that opening a file costs one header's worth of I/O.
+Writing order: ``HEAD``, metadata (``iCCP``, ``eXIf``, ``xMPt``), ``prVw``, ``PLTE``, ``ALPH``, ``LDAT``,
+``SEND``. :func:`read_head` stops before the first data chunk so that opening a file costs one header's worth
+of I/O. Each codec (:data:`CODECS`) quantizes latents, codes its chunks, decodes them and dequantizes, as
+spec section 5 defines for its quantizer; the reader rules for odd files are spec section 10's.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 
-from . import context_coder, entropy, transform_coder
+from . import entropy, transform_coder
 from .container import (
     SIGNATURE,
     Chunk,
@@ -30,6 +32,9 @@ from .settings import QuantSettings
 
 DATA_CHUNKS = {b"PLTE", b"ALPH", b"LDAT", b"SEND"}
 METADATA_CHUNKS = {b"eXIf": "exif", b"iCCP": "icc_profile", b"xMPt": "xmp"}
+PREVIEW_CHUNK = b"prVw"
+#: Ancillary chunks this reader knows (spec section 3): each counts once, the first copy wins.
+KNOWN_ANCILLARY = {*METADATA_CHUNKS, PREVIEW_CHUNK}
 EXIF_PREFIX = b"Exif\x00\x00"
 
 #: ``ALPH`` filter ids: 0 none, 1 "sub" (each byte minus its left neighbour, mod 256).
@@ -37,46 +42,223 @@ ALPHA_FILTERS = (0, 1)
 
 
 @dataclass
+class Quantized:
+    """What a quantizer makes of latents: the ``HEAD`` fields it sets and the symbols its chunks code."""
+
+    fields: dict  # quantizer, palette_size, offset, scale, levels
+    payload: np.ndarray  # scalar: (C, h, w) symbols; palette: (h, w) indices; transform: (C, H, W) coefficients
+    palette: np.ndarray | None = None  # (K, C) symbols
+    weights: tuple[int, ...] | None = None  # transform: the 16 band weights
+
+    def latents(self, shape: tuple[int, int]) -> np.ndarray:
+        """The float32 latents (C, h, w) a reader will dequantize from these symbols; ``shape``: (h, w)."""
+        return codec_of(self.fields["quantizer"]).dequantize(self._as_decoded(shape))
+
+    def _as_decoded(self, shape: tuple[int, int]) -> Decoded:
+        f = self.fields
+        symbols = self.payload if self.palette is None else self.palette[self.payload].transpose(2, 0, 1)
+        return Decoded(f["offset"], f["scale"], f["levels"], symbols, self.weights, shape)
+
+
+@dataclass
+class Decoded:
+    """A file's decoded symbols with what dequantizing them needs (decode state; ``Header`` stays as read)."""
+
+    offset: np.ndarray
+    scale: np.ndarray
+    levels: np.ndarray
+    symbols: np.ndarray  # (C, h, w) uint16 with the palette looked up; transform: (C, H, W) coefficients
+    weights: tuple[int, ...] | None
+    shape: tuple[int, int]  # latent (h, w)
+    latents: np.ndarray | None = None  # the dequantized latents, where decoding already computed them
+
+
+@dataclass
 class LatentFile:
     """Everything a file holds below the model: header, symbols, alpha, metadata."""
 
     header: Header
-    symbols: np.ndarray  # (C, h, w) uint16, palette already looked up; transform: (C, H, W) coefficients
+    decoded: Decoded
     alpha: np.ndarray | None = None  # (height, width) uint8
     info: dict[str, bytes] = field(default_factory=dict)
     truncated: bool = False
+    preview: bytes | None = None  # the prVw payload, if any
+
+    @property
+    def symbols(self) -> np.ndarray:
+        return self.decoded.symbols
+
+    @property
+    def weights(self) -> tuple[int, ...] | None:
+        return self.decoded.weights
 
     def latents(self) -> np.ndarray:
-        """Dequantized float32 latents (C, h, w), bit-exact as the spec defines."""
-        h = self.header
-        if h.quantizer == "transform":
-            return transform_coder.dequantize(
-                self.symbols, h.offset, h.scale, h.levels, h.weights or (), (h.latent_height, h.latent_width)
-            )
-        return dequantize(self.symbols, h.offset, h.scale)
+        """Dequantized float32 latents (C, h, w), bit-exact as the spec defines (computed once)."""
+        if self.decoded.latents is None:
+            self.decoded.latents = codec_of(self.header.quantizer).dequantize(self.decoded)
+        return self.decoded.latents
+
+
+# ---------------------------------------------------------------- the codecs
+
+
+def _ldat(data: dict[bytes, bytes], truncated: bool) -> bytes | None:
+    if b"LDAT" not in data and not truncated:
+        raise FormatError("file has no LDAT chunk")
+    return data.get(b"LDAT")
+
+
+def _zero_symbols(header: Header) -> np.ndarray:
+    """Per channel, the symbol nearest latent 0 (tolerant mode's fill)."""
+    safe = np.where(header.scale > 0, header.scale, 1)
+    return np.clip(np.rint(-header.offset / safe), 0, header.levels.astype(np.int64) - 1).astype(np.uint16)
+
+
+def _byte_payload(header: Header, payload: bytes | None, count: int, dtype: np.dtype, truncated: bool) -> np.ndarray:
+    """``count`` values of ``dtype`` from a raw or zstd ``LDAT`` (fewer when tolerant mode meets a cut)."""
+    size = count * dtype.itemsize
+    if payload is None:
+        raw = b""
+    elif truncated:
+        raw = entropy.decode_prefix(payload, header.coder, size)
+    else:
+        raw = entropy.decode(payload, header.coder, size, "LDAT")
+    return np.frombuffer(raw[: len(raw) // dtype.itemsize * dtype.itemsize], dtype)
+
+
+class ScalarCodec:
+    """Quantizer 0: one symbol per latent value, ``LDAT`` raw or zstd (spec section 5.1)."""
+
+    quantizer = "scalar"
+    coders = ("raw", "zstd")
+
+    def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
+        symbols, offset, scale, levels = range_quantize(latents, settings.levels, settings.span)
+        return Quantized(self._fields(offset, scale, levels), symbols)
+
+    def _fields(self, offset: np.ndarray, scale: np.ndarray, levels: np.ndarray, palette_size: int = 0) -> dict:
+        return {"quantizer": self.quantizer, "palette_size": palette_size, "offset": offset, "scale": scale,
+                "levels": levels}  # fmt: skip
+
+    def encode(self, header: Header, q: Quantized) -> list[Chunk]:
+        data = np.ascontiguousarray(q.payload, header.symbol_dtype).tobytes()
+        return [Chunk(b"LDAT", entropy.encode(data, header.coder))]
+
+    def decode(self, header: Header, data: dict[bytes, bytes], truncated: bool) -> Decoded:
+        c, h, w = header.latent_shape
+        values = _byte_payload(header, _ldat(data, truncated), c * h * w, header.symbol_dtype, truncated)
+        if len(values) < c * h * w:  # tolerant mode: the symbol nearest latent 0
+            fill = np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(-1)
+            fill[: len(values)] = values
+            values = fill
+        symbols = values.astype(np.uint16).reshape(c, h, w)
+        if np.any(symbols >= header.levels[:, None, None]):
+            raise FormatError("latent symbol out of its channel's range")
+        return Decoded(header.offset, header.scale, header.levels, symbols, None, (h, w))
+
+    def dequantize(self, d: Decoded) -> np.ndarray:
+        return dequantize(d.symbols, d.offset, d.scale)
+
+
+class PaletteCodec(ScalarCodec):
+    """Quantizer 1: a palette of latent vectors (``PLTE``) and an index per latent position (spec section 5.2)."""
+
+    quantizer = "palette"
+
+    def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
+        symbols, offset, scale, levels = range_quantize(latents, settings.levels, settings.span)
+        if settings.palette_method == "imagequant":
+            palette, indices = imagequant_palette(symbols, settings.palette_size, settings.dither)
+        else:
+            palette, indices = kmeans_palette(symbols, levels, settings.palette_size, settings.dither)
+        return Quantized(self._fields(offset, scale, levels, len(palette)), indices, palette)
+
+    def encode(self, header: Header, q: Quantized) -> list[Chunk]:
+        if q.palette is None or len(q.palette) != header.palette_size:
+            raise ValueError("palette quantizer needs a palette of palette_size entries")
+        plte = Chunk(b"PLTE", np.ascontiguousarray(q.palette, header.symbol_dtype).tobytes())
+        data = np.ascontiguousarray(q.payload, header.index_dtype).tobytes()
+        return [plte, Chunk(b"LDAT", entropy.encode(data, header.coder))]
+
+    def decode(self, header: Header, data: dict[bytes, bytes], truncated: bool) -> Decoded:
+        c, h, w = header.latent_shape
+        if b"PLTE" not in data:
+            raise FormatError("palette-quantized file has no PLTE chunk")
+        need = header.palette_size * c * header.symbol_dtype.itemsize
+        if len(data[b"PLTE"]) != need:
+            raise FormatError(f"PLTE holds {len(data[b'PLTE'])} bytes; header requires {need}")
+        palette = np.frombuffer(data[b"PLTE"], header.symbol_dtype).reshape(header.palette_size, c).astype(np.uint16)
+        if np.any(palette >= header.levels[None, :]):
+            raise FormatError("palette entry out of its channel's range")
+        values = _byte_payload(header, _ldat(data, truncated), h * w, header.index_dtype, truncated)
+        if np.any(values >= header.palette_size):
+            raise FormatError(f"palette index out of range (palette has {header.palette_size} entries)")
+        if len(values) < h * w:  # tolerant mode: the entry nearest latent 0
+            lat = dequantize(palette.T, header.offset, header.scale)
+            values = np.concatenate([values, np.full(h * w - len(values), (lat**2).sum(0).argmin())])
+        symbols = palette[values.astype(np.intp).reshape(h, w)].transpose(2, 0, 1).copy()
+        return Decoded(header.offset, header.scale, header.levels, symbols, None, (h, w))
+
+
+class TransformCodec:
+    """Quantizer 2: 4x4 DCT coefficients of each channel, range coded per band (spec sections 5.3, 6)."""
+
+    quantizer = "transform"
+    coders = ("transform",)
+
+    def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
+        symbols, offset, scale, levels, weights = transform_coder.quantize(latents, settings.quality, settings.grid)
+        fields = {"quantizer": self.quantizer, "palette_size": 0, "offset": offset, "scale": scale, "levels": levels}
+        return Quantized(fields, symbols, None, weights)
+
+    def encode(self, header: Header, q: Quantized) -> list[Chunk]:
+        if q.weights is None:
+            raise ValueError("the transform coder needs the quantizer's band weights")
+        return [Chunk(b"LDAT", transform_coder.encode_symbols(q.payload, header.levels, q.weights))]
+
+    def decode(self, header: Header, data: dict[bytes, bytes], truncated: bool) -> Decoded:
+        c, h, w = header.latent_shape
+        shape = (c, *transform_coder.coefficient_shape(h, w))
+        payload = _ldat(data, truncated)
+        try:
+            if payload is None:
+                raise ValueError("no LDAT chunk")
+            symbols, weights = transform_coder.decode_symbols(payload, shape, header.levels)
+        except ValueError as exc:
+            if not truncated:
+                raise FormatError(f"corrupt LDAT (transform coder): {exc}") from exc
+            # Tolerant mode: a cut range-coded stream has no usable prefix; every coefficient is Z_c.
+            zero = ((header.levels.astype(np.int64) - 1) // 2).astype(np.uint16)
+            symbols, weights = np.repeat(zero[:, None], shape[1] * shape[2], axis=1).reshape(shape), (16,) * 16
+        d = Decoded(header.offset, header.scale, header.levels, symbols, weights, (h, w))
+        d.latents = self.dequantize(d)  # once: the check needs them, and so will the caller
+        if not np.isfinite(d.latents).all():  # large steps x weights can overflow float32 (spec section 5.3)
+            raise FormatError("transform coefficients dequantize beyond float32")
+        return d
+
+    def dequantize(self, d: Decoded) -> np.ndarray:
+        return transform_coder.dequantize(d.symbols, d.offset, d.scale, d.levels, d.weights or (16,) * 16, d.shape)
+
+    def twin(self, params: transform_coder.Params):
+        """The differentiable torch twin of :meth:`quantize` on fixed ``params`` (imports torch)."""
+        from .twins import TransformQuantizer
+
+        return TransformQuantizer(params)
+
+
+CODECS = {codec.quantizer: codec for codec in (ScalarCodec(), PaletteCodec(), TransformCodec())}
+
+
+def codec_of(quantizer: str) -> ScalarCodec | PaletteCodec | TransformCodec:
+    return CODECS[quantizer]
 
 
 # ---------------------------------------------------------------- writing
 
 
-def quantize(latents: np.ndarray, settings: QuantSettings) -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """Quantize float latents; returns header fields, the LDAT symbol array and the palette."""
-    if settings.quantizer == "transform":
-        symbols, offset, scale, levels, weights = transform_coder.quantize(latents, settings.quality, settings.grid)
-        fields = {"offset": offset, "scale": scale, "levels": levels, "weights": weights}
-        return fields | {"quantizer": "transform", "palette_size": 0}, symbols, None
-    if settings.coder == "context":
-        symbols, offset, scale, levels = context_coder.quantize(latents, settings.quality, grid_=settings.grid)
-    else:
-        symbols, offset, scale, levels = range_quantize(latents, settings.levels, settings.span)
-    fields = {"offset": offset, "scale": scale, "levels": levels, "quantizer": settings.quantizer}
-    if settings.quantizer == "scalar":
-        return fields | {"palette_size": 0}, symbols, None
-    if settings.palette_method == "imagequant":
-        palette, indices = imagequant_palette(symbols, settings.palette_size, settings.dither)
-    else:
-        palette, indices = kmeans_palette(symbols, levels, settings.palette_size, settings.dither)
-    return fields | {"palette_size": len(palette)}, indices, palette
+def quantize(latents: np.ndarray, settings: QuantSettings) -> Quantized:
+    """Quantize float latents with the settings' quantizer."""
+    return codec_of(settings.quantizer).quantize(latents, settings)
 
 
 def _alpha_payload(alpha: np.ndarray) -> bytes:
@@ -88,14 +270,16 @@ def _alpha_payload(alpha: np.ndarray) -> bytes:
 
 def build_chunks(
     header: Header,
-    payload_symbols: np.ndarray,
-    palette: np.ndarray | None = None,
+    q: Quantized,
     alpha: np.ndarray | None = None,
     info: dict[str, bytes | str] | None = None,
     extra: list[Chunk] | None = None,
 ) -> list[Chunk]:
-    """Chunks of a complete file; ``payload_symbols`` is the symbol or index array."""
+    """Chunks of a complete file: ``HEAD``, metadata, ``extra`` (the preview), the codec's chunks, ``SEND``."""
     header.validate()
+    codec = codec_of(header.quantizer)
+    if header.coder not in codec.coders:
+        raise ValueError(f"the {header.quantizer} quantizer codes with {' or '.join(codec.coders)}, not {header.coder}")
     chunks = [Chunk(b"HEAD", header.pack())]
     for ctype, key in METADATA_CHUNKS.items():
         value = (info or {}).get(key)
@@ -105,24 +289,11 @@ def build_chunks(
                 data = data[len(EXIF_PREFIX) :]
             chunks.append(Chunk(ctype, data))
     chunks.extend(extra or [])
-    if header.quantizer == "palette":
-        if palette is None or len(palette) != header.palette_size:
-            raise ValueError("palette quantizer needs a palette of palette_size entries")
-        chunks.append(Chunk(b"PLTE", np.ascontiguousarray(palette, header.symbol_dtype).tobytes()))
     if header.mode in ("LA", "RGBA"):
         if alpha is None or alpha.shape != (header.height, header.width):
             raise ValueError(f"mode {header.mode} needs an alpha plane of {header.height}x{header.width}")
         chunks.append(Chunk(b"ALPH", _alpha_payload(alpha)))
-    if header.coder == "context":
-        ldat = context_coder.encode_symbols(payload_symbols, header.levels)
-    elif header.coder == "transform":
-        if header.weights is None:
-            raise ValueError("the transform coder needs the quantizer's band weights (Header.weights)")
-        ldat = transform_coder.encode_symbols(payload_symbols, header.levels, header.weights)
-    else:
-        dtype = header.index_dtype if header.quantizer == "palette" else header.symbol_dtype
-        ldat = entropy.encode(np.ascontiguousarray(payload_symbols, dtype).tobytes(), header.coder)
-    chunks.append(Chunk(b"LDAT", ldat))
+    chunks.extend(codec.encode(header, q))
     chunks.append(Chunk(b"SEND", b""))
     return chunks
 
@@ -134,41 +305,71 @@ def write(fp: BinaryIO, chunks: list[Chunk]) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def read_head(fp: BinaryIO) -> tuple[Header, dict[str, bytes]]:
-    """Read signature, ``HEAD`` and the metadata chunks before the first data chunk."""
+@dataclass
+class Head:
+    """What :func:`read_head` found before the first data chunk."""
+
+    header: Header
+    info: dict[str, bytes]  # exif, icc_profile, xmp
+    preview: bytes | None = None
+    seen: set[bytes] = field(default_factory=set)  # known ancillary chunk types already taken
+
+
+def read_head(fp: BinaryIO) -> Head:
+    """Read signature, ``HEAD`` and the ancillary chunks before the first data chunk."""
     if fp.read(8) != SIGNATURE:
         raise FormatError("not an SDL file (bad signature)")
     first = read_chunk(fp)
     if first is None or first.type != b"HEAD":
         raise FormatError("first chunk of an SDL file must be HEAD")
-    header = Header.unpack(first.payload)
-    info: dict[str, bytes] = {}
+    head = Head(Header.unpack(first.payload), {})
     while (ctype := peek_type(fp)) is not None and ctype not in DATA_CHUNKS:
         chunk = read_chunk(fp)
         if chunk is not None:
-            _take_ancillary(chunk, info)
-    return header, info
+            _take_ancillary(chunk, head)
+    return head
 
 
-def _take_ancillary(chunk: Chunk, info: dict[str, bytes]) -> None:
+def _take_ancillary(chunk: Chunk, head: Head) -> None:
+    """Spec section 3: unknown critical chunks reject the file, unknown ancillary ones are skipped, and a
+    known ancillary chunk counts once (a later copy is ignored, with a warning)."""
     if chunk.critical:
         raise FormatError(f"unknown critical chunk {chunk.type.decode()}: the file needs a newer reader")
+    if chunk.type not in KNOWN_ANCILLARY:
+        return
+    if chunk.type in head.seen:
+        warnings.warn(f"second {chunk.type.decode()} chunk ignored (the first one counts)", stacklevel=4)
+        return
+    head.seen.add(chunk.type)
     key = METADATA_CHUNKS.get(chunk.type)
     if key == "exif":
-        info[key] = EXIF_PREFIX + chunk.payload
+        head.info[key] = EXIF_PREFIX + chunk.payload
     elif key:
-        info[key] = chunk.payload
+        head.info[key] = chunk.payload
     else:
-        info.setdefault("_ancillary", {})[chunk.type.decode()] = chunk.payload  # type: ignore[index]
+        head.preview = chunk.payload
 
 
-def read_body(fp: BinaryIO, header: Header, info: dict, *, allow_truncated: bool = False) -> LatentFile:
+def _allowed_data_chunks(header: Header) -> set[bytes]:
+    """The data chunks a file of this header holds (spec section 3): PLTE only with the palette quantizer,
+    ALPH only in modes with alpha."""
+    allowed = {b"LDAT"}
+    if header.quantizer == "palette":
+        allowed.add(b"PLTE")
+    if header.mode in ("LA", "RGBA"):
+        allowed.add(b"ALPH")
+    return allowed
+
+
+def read_body(fp: BinaryIO, head: Head, *, allow_truncated: bool = False) -> LatentFile:
     """Read the data chunks after :func:`read_head` and decode the symbols.
 
     With ``allow_truncated`` (Pillow's ``LOAD_TRUNCATED_IMAGES``), a stream cut
     short yields what could be decoded; missing latents decode to the symbol
     nearest 0 in each channel and a missing alpha plane to opaque.
     """
+    header = head.header
+    allowed = _allowed_data_chunks(header)
     data: dict[bytes, bytes] = {}
     truncated = False
     while True:
@@ -178,108 +379,26 @@ def read_body(fp: BinaryIO, header: Header, info: dict, *, allow_truncated: bool
             if not allow_truncated:
                 raise
             truncated = True
-            if exc.partial is not None and exc.partial.type in DATA_CHUNKS and exc.partial.type not in data:
+            if exc.partial is not None and exc.partial.type in allowed and exc.partial.type not in data:
                 data[exc.partial.type] = exc.partial.payload
             break
         if chunk is None:
             continue
         if chunk.type == b"SEND":
+            if chunk.payload:
+                raise FormatError(f"SEND chunk holds {len(chunk.payload)} bytes; it must be empty")
             break
         if chunk.type in DATA_CHUNKS:
+            if chunk.type not in allowed:
+                raise FormatError(f"{chunk.type.decode()} chunk in a {header.mode} {header.quantizer} file")
             if chunk.type in data:
                 raise FormatError(f"duplicate {chunk.type.decode()} chunk")
             data[chunk.type] = chunk.payload
         else:
-            _take_ancillary(chunk, info)
-    symbols = _decode_symbols(header, data, truncated)
-    alpha = _decode_alpha(header, data.get(b"ALPH"), truncated) if header.mode in ("LA", "RGBA") else None
-    return LatentFile(header, symbols, alpha, info, truncated)
-
-
-def _zero_symbols(header: Header) -> np.ndarray:
-    safe = np.where(header.scale > 0, header.scale, 1)
-    return np.clip(np.rint(-header.offset / safe), 0, header.levels.astype(np.int64) - 1).astype(np.uint16)
-
-
-def _decode_symbols(header: Header, data: dict[bytes, bytes], truncated: bool) -> np.ndarray:
-    c, h, w = header.latent_shape
-    sym_dtype = header.symbol_dtype
-    if header.quantizer == "palette":
-        if b"PLTE" not in data:
-            raise FormatError("palette-quantized file has no PLTE chunk")
-        need = header.palette_size * c * sym_dtype.itemsize
-        if len(data[b"PLTE"]) != need:
-            raise FormatError(f"PLTE holds {len(data[b'PLTE'])} bytes; header requires {need}")
-        palette = np.frombuffer(data[b"PLTE"], sym_dtype).reshape(header.palette_size, c).astype(np.uint16)
-        if np.any(palette >= header.levels[None, :]):
-            raise FormatError("palette entry out of its channel's range")
-        count, dtype, limit = h * w, header.index_dtype, header.palette_size
-    else:
-        count, dtype, limit = c * h * w, sym_dtype, None
-    if header.coder == "context":
-        return _decode_context(header, data.get(b"LDAT"), truncated)
-    if header.coder == "transform":
-        return _decode_transform(header, data.get(b"LDAT"), truncated)
-    size = count * dtype.itemsize
-    if b"LDAT" not in data:
-        if not truncated:
-            raise FormatError("file has no LDAT chunk")
-        raw = b""
-    elif truncated:
-        raw = entropy.decode_prefix(data[b"LDAT"], header.coder, size)
-    else:
-        raw = entropy.decode(data[b"LDAT"], header.coder, size, "LDAT")
-    values = np.frombuffer(raw[: len(raw) // dtype.itemsize * dtype.itemsize], dtype).astype(np.uint16)
-    if header.quantizer == "palette":
-        if np.any(values >= limit):
-            raise FormatError(f"palette index out of range (palette has {limit} entries)")
-        if len(values) < count:  # truncated: fill with the entry nearest latent 0
-            lat = dequantize(palette.T, header.offset, header.scale)
-            values = np.concatenate([values, np.full(count - len(values), (lat**2).sum(0).argmin(), np.uint16)])
-        return palette[values.reshape(h, w)].transpose(2, 0, 1).copy()
-    if len(values) < count:
-        fill = np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(-1)
-        fill[: len(values)] = values
-        values = fill
-    symbols = values.reshape(c, h, w)
-    if np.any(symbols >= header.levels[:, None, None]):
-        raise FormatError("latent symbol out of its channel's range")
-    return symbols
-
-
-def _decode_context(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:
-    """Coder 2: the range-coded stream decodes as a whole or not at all."""
-    try:
-        if payload is None:
-            raise FormatError("file has no LDAT chunk")
-        return context_coder.decode_symbols(payload, header.latent_shape, header.levels)
-    except ValueError as exc:  # FormatError is a ValueError too
-        if not truncated:
-            raise FormatError(f"corrupt LDAT (context coder): {exc}") from exc
-        # Tolerant mode: a cut range-coded stream has no usable prefix; every value decodes to latent 0.
-        c, h, w = header.latent_shape
-        return np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(c, h, w)
-
-
-def _decode_transform(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:
-    """Coder 3, like coder 2, decodes as a whole or not at all; tolerant mode falls back to the channel means."""
-    c, h, w = header.latent_shape
-    shape = (c, *transform_coder.coefficient_shape(h, w))
-    try:
-        if payload is None:
-            raise FormatError("file has no LDAT chunk")
-        symbols, header.weights = transform_coder.decode_symbols(payload, shape, header.levels)
-        with np.errstate(over="ignore", invalid="ignore"):
-            z = transform_coder.dequantize(symbols, header.offset, header.scale, header.levels, header.weights, (h, w))
-        if not np.all(np.isfinite(z)):  # large steps x weights can overflow float32 where the header's check cannot see
-            raise FormatError("transform coefficients dequantize beyond float32")
-        return symbols
-    except ValueError as exc:
-        if not truncated:
-            raise FormatError(f"corrupt LDAT (transform coder): {exc}") from exc
-        header.weights = (16,) * (transform_coder.BLOCK**2)  # only the zero coefficients remain: any weight
-        zero = ((header.levels.astype(np.int64) - 1) // 2).astype(np.uint16)
-        return np.repeat(zero[:, None], shape[1] * shape[2], axis=1).reshape(shape)
+            _take_ancillary(chunk, head)
+    decoded = codec_of(header.quantizer).decode(header, data, truncated)
+    alpha = _decode_alpha(header, data.get(b"ALPH"), truncated) if b"ALPH" in allowed else None
+    return LatentFile(header, decoded, alpha, head.info, truncated, head.preview)
 
 
 def _decode_alpha(header: Header, payload: bytes | None, truncated: bool) -> np.ndarray:
@@ -305,5 +424,4 @@ def _decode_alpha(header: Header, payload: bytes | None, truncated: bool) -> np.
 def decode_bytes(data: bytes) -> LatentFile:
     """Decode a complete in-memory file (strict: no truncation allowed)."""
     fp = io.BytesIO(data)
-    header, info = read_head(fp)
-    return read_body(fp, header, info)
+    return read_body(fp, read_head(fp))

@@ -21,10 +21,52 @@ def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
 #: really decompress, never with what a (possibly forged) header declares.
 READ_BLOCK = 1 << 20
 
-#: Largest zstd window a reader accepts when the payload itself is smaller (spec, "Limits"):
-#: enough for any level-19 stream, small enough that a tiny file cannot make the
-#: decompressor reserve libzstd's default 128 MiB.
-MAX_ZSTD_WINDOW = 1 << 23
+#: Largest window libzstd may declare (2**31). Any window is accepted: the frame must declare its content
+#: size (spec section 5), and libzstd sizes its buffer by the smaller of window and content.
+MAX_ZSTD_WINDOW = 1 << 31
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_frame_end(data: bytes) -> tuple[int | None, int]:
+    """(declared content size or None, offset just past the frame) of the zstd frame at the start of
+    ``data`` (RFC 8878 section 3.1.1), from its header and block headers alone; FormatError if there is none."""
+    if data[:4] != ZSTD_MAGIC:
+        raise FormatError("payload does not start with a zstd frame (skippable frames are not allowed)")
+    if len(data) < 5:
+        raise FormatError("zstd frame header cut short")
+    desc = data[4]
+    fcs_flag, single, checksum, did_flag = desc >> 6, (desc >> 5) & 1, (desc >> 2) & 1, desc & 3
+    if desc & 0x08:
+        raise FormatError("zstd frame header sets its reserved bit")
+    fcs_len = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    p = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
+    if len(data) < p + fcs_len:
+        raise FormatError("zstd frame header cut short")
+    if did_flag and any(data[p - (0, 1, 2, 4)[did_flag] : p]):
+        raise FormatError("zstd frame needs a dictionary")
+    size = int.from_bytes(data[p : p + fcs_len], "little") + (256 if fcs_len == 2 else 0) if fcs_len else None
+    p += fcs_len
+    while True:  # block headers: bit 0 last block, bits 1-2 type, bits 3-23 size
+        if len(data) < p + 3:
+            raise FormatError("zstd frame cut short")
+        bh = int.from_bytes(data[p : p + 3], "little")
+        kind, n = (bh >> 1) & 3, bh >> 3
+        if kind == 3:
+            raise FormatError("zstd block of the reserved type")
+        p += 3 + (1 if kind == 1 else n)
+        if bh & 1:
+            break
+    return size, p + 4 * checksum
+
+
+def check_zstd_frame(data: bytes, size: int, what: str) -> None:
+    """Spec section 5: the payload is exactly one zstd frame that declares its content size, ``size``."""
+    declared, end = zstd_frame_end(data)
+    if declared != size:
+        got = "no content size" if declared is None else f"a content size of {declared}"
+        raise FormatError(f"zstd frame in {what} declares {got}; the header requires {size}")
+    if end != len(data):
+        raise FormatError(f"{what} holds {len(data) - end} bytes after its zstd frame")
 
 
 def _zstd_read(data: bytes, limit: int, out: bytearray) -> None:
@@ -32,8 +74,7 @@ def _zstd_read(data: bytes, limit: int, out: bytearray) -> None:
 
     Raises ``zstandard.ZstdError`` on corrupt data, with what decoded so far in ``out``.
     """
-    window = min(max(MAX_ZSTD_WINDOW, limit), 1 << 31)
-    dctx = zstandard.ZstdDecompressor(max_window_size=window)
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
     with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
         while len(out) < limit and (block := reader.read(min(READ_BLOCK, limit - len(out)))):
             out += block
@@ -42,10 +83,11 @@ def _zstd_read(data: bytes, limit: int, out: bytearray) -> None:
 def zstd_decompress(data: bytes, size: int, what: str = "payload") -> bytes:
     """Decompress exactly ``size`` bytes; never hold more than ``size + 1``.
 
-    The declared content size in the zstd frame is not trusted: reading stops
-    after ``size + 1`` bytes, so a payload that inflates beyond what the header
-    allows is cut off and rejected.
+    The frame must declare ``size`` as its content size and end the payload; the
+    declaration is still not trusted: reading stops after ``size + 1`` bytes, so a
+    payload that inflates beyond what the header allows is cut off and rejected.
     """
+    check_zstd_frame(data, size, what)
     out = bytearray()
     try:
         _zstd_read(data, size + 1, out)

@@ -25,10 +25,9 @@ MODE_CODES = {v: k for k, v in MODES.items()}
 QUANTIZERS = {0: "scalar", 1: "palette", 2: "transform"}
 QUANTIZER_CODES = {v: k for k, v in QUANTIZERS.items()}
 
-#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd; 2: context-model range coder
-#: (scalar quantizer only; see core/context_coder.py); 3: range coder of DCT bands (transform quantizer only;
-#: see core/transform_coder.py).
-CODERS = {0: "raw", 1: "zstd", 2: "context", 3: "transform"}
+#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd (scalar and palette quantizers); 2: range coder
+#: of DCT bands (transform quantizer only, and its only coder; see core/transform_coder.py).
+CODERS = {0: "raw", 1: "zstd", 2: "transform"}
 CODER_CODES = {v: k for k, v in CODERS.items()}
 
 # Limits every reader enforces (spec section "Limits").
@@ -39,9 +38,11 @@ MAX_PALETTE = 1 << 16
 MAX_LATENT_VALUES = 1 << 30
 MAX_VALUES_PER_PIXEL = 4  # channels <= 4 * downscale**2
 MAX_MODEL_ID = 255
-FINGERPRINT_SIZE = 32
+#: Bytes of the weights fingerprint kept in HEAD: the first 16 of its SHA-256 (spec section 9).
+FINGERPRINT_SIZE = 16
 
-_FIXED = struct.Struct(">BBIIBBHIIBBI32sB")
+_FIXED = struct.Struct(">BBIIBBHBBI16sB")
+_CHANNEL = np.dtype([("offset", ">f4"), ("scale", ">f4"), ("levels_minus_1", ">u2")])
 
 
 @dataclass
@@ -62,9 +63,6 @@ class Header:
     scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     version: tuple[int, int] = VERSION
-    #: The transform quantizer's 16 band weights (Q4). They travel in ``LDAT``, not in ``HEAD``: set by the
-    #: writer's quantizer and by the reader once ``LDAT`` is decoded; None for the other quantizers.
-    weights: tuple[int, ...] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -117,12 +115,10 @@ class Header:
         if self.quantizer == "palette":
             if not 1 <= self.palette_size <= MAX_PALETTE:
                 raise bad(f"palette size {self.palette_size} outside 1..{MAX_PALETTE}")
-            if self.coder == "context":
-                raise bad("the context coder codes scalar symbols, not palette indices")
         elif self.palette_size != 0:
             raise bad(f"palette size must be 0 for the {self.quantizer} quantizer")
         if (self.quantizer == "transform") != (self.coder == "transform"):
-            raise bad("the transform quantizer and the transform coder (3) go together, and only together")
+            raise bad("the transform quantizer and the transform coder (2) go together, and only together")
         raw_id = self.model_id.encode("utf-8")
         if len(raw_id) > MAX_MODEL_ID or "\x00" in self.model_id:
             raise bad("model id longer than 255 bytes or containing NUL")
@@ -152,43 +148,45 @@ class Header:
             MODE_CODES[self.mode],
             self.downscale,
             self.channels,
-            self.latent_height,
-            self.latent_width,
             QUANTIZER_CODES[self.quantizer],
             CODER_CODES[self.coder],
             self.palette_size,
             self.fingerprint,
             len(raw_id),
         )
-        table = np.empty(self.channels, dtype=[("offset", ">f4"), ("scale", ">f4"), ("levels", ">u4")])
-        table["offset"], table["scale"], table["levels"] = self.offset, self.scale, self.levels
+        table = np.empty(self.channels, _CHANNEL)
+        table["offset"], table["scale"], table["levels_minus_1"] = self.offset, self.scale, self.levels - 1
         return fixed + raw_id + table.tobytes()
 
     @classmethod
     def unpack(cls, payload: bytes) -> Header:
         if len(payload) < _FIXED.size:
             raise FormatError(f"HEAD chunk of {len(payload)} bytes is shorter than the fixed {_FIXED.size}")
-        (vmaj, vmin, width, height, mode, downscale, channels, lh, lw, quant, coder, psize, fp, idlen) = (
-            _FIXED.unpack_from(payload)
+        (vmaj, vmin, width, height, mode, downscale, channels, quant, coder, psize, fp, idlen) = _FIXED.unpack_from(
+            payload
         )
+        if vmaj != VERSION[0]:
+            raise FormatError(f"unsupported SDL major version {vmaj} (this reader knows {VERSION[0]})")
         if mode not in MODES or quant not in QUANTIZERS or coder not in CODERS:
             raise FormatError(f"invalid SDL header: unknown mode {mode}, quantizer {quant} or coder {coder}")
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION and 1 <= downscale <= 64):
+            raise FormatError(f"invalid SDL header: image {width}x{height} or factor {downscale} out of range")
         end_id = _FIXED.size + idlen
-        expected = end_id + 12 * channels
+        expected = end_id + _CHANNEL.itemsize * channels
         if len(payload) != expected:
             raise FormatError(f"HEAD chunk is {len(payload)} bytes; its fields call for {expected}")
         try:
             model_id = payload[_FIXED.size : end_id].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise FormatError("model id in HEAD is not valid UTF-8") from exc
-        table = np.frombuffer(payload[end_id:], dtype=[("offset", ">f4"), ("scale", ">f4"), ("levels", ">u4")])
+        table = np.frombuffer(payload[end_id:], _CHANNEL)
         header = cls(
             width=width,
             height=height,
             mode=MODES[mode],
             channels=channels,
-            latent_height=lh,
-            latent_width=lw,
+            latent_height=-(-height // downscale),
+            latent_width=-(-width // downscale),
             model_id=model_id,
             fingerprint=fp,
             downscale=downscale,
@@ -197,7 +195,7 @@ class Header:
             palette_size=psize,
             offset=table["offset"].astype(np.float32),
             scale=table["scale"].astype(np.float32),
-            levels=table["levels"].astype(np.uint32),
+            levels=table["levels_minus_1"].astype(np.uint32) + 1,
             version=(vmaj, vmin),
         )
         header.validate()

@@ -20,12 +20,13 @@ Payload (all big-endian)::
     u8  version   = 1
     u8  basis     = 1          (the features above; other values: skip the chunk)
     u8  outputs   = 1 or 3     (L or RGB)
-    u8  reserved  = 0
-    f32 matrix[outputs][1 + 2C]   row-major, predicting 0..255 sample values
+    f16 matrix[outputs][1 + 2C]   row-major, predicting 0..255 sample values
 
-Readers round, clip to 0..255 and, for LA/RGBA files, box-reduce the ``ALPH``
-plane by the same factor. A reader that meets an unknown version or basis, or
-a payload of the wrong length, ignores the chunk (it is ancillary).
+Readers compute in float64 (a float16 map on float32 latents cannot overflow it), round, clip to 0..255 and,
+for LA/RGBA files, box-reduce the ``ALPH`` plane by the same factor. A reader that meets an unknown version
+or basis, a payload of the wrong length or a non-finite coefficient ignores the chunk (it is ancillary).
+Why float16: the map's 2C + 1 terms per output move a preview sample by well under one level when rounded
+to 11 significant bits (benchmarks/preview.py), and halve the chunk (69 instead of 124 bytes with its framing at C = 4).
 """
 
 from __future__ import annotations
@@ -34,14 +35,12 @@ import struct
 
 import numpy as np
 
-from . import transform_coder
 from .container import Chunk, FormatError
-from .scalar import dequantize
 
 CHUNK_TYPE = b"prVw"
 VERSION = 1
 BASIS_AFFINE_LAPLACIAN = 1
-_HEAD = struct.Struct(">BBBB")
+_HEAD = struct.Struct(">BBB")
 
 #: Tikhonov weight (relative to the feature energy) that keeps the map bounded
 #: when features are collinear, e.g. a constant latent channel.
@@ -57,15 +56,17 @@ def feature_count(channels: int) -> int:
 
 
 def features(latents: np.ndarray) -> np.ndarray:
-    """(1 + 2C, h, w) float32 features of (C, h, w) latents (see the module docstring)."""
-    z = np.asarray(latents, np.float32)
+    """(1 + 2C, h, w) features of (C, h, w) latents (see the module docstring), in the latents' float dtype
+    (float32 unless they are float64)."""
+    z = np.asarray(latents)
+    z = z if z.dtype == np.float64 else z.astype(np.float32)
     c, h, w = z.shape
     p = np.pad(z, ((0, 0), (1, 1), (1, 1)), mode="edge")
     neighbours = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]
-    out = np.empty((1 + 2 * c, h, w), np.float32)
+    out = np.empty((1 + 2 * c, h, w), z.dtype)
     out[0] = 1.0
     out[1 : 1 + c] = z
-    out[1 + c :] = neighbours * np.float32(0.25) - z
+    out[1 + c :] = neighbours * 0.25 - z
     return out
 
 
@@ -85,7 +86,8 @@ def box_reduce(plane: np.ndarray, factor: int) -> np.ndarray:
 
 
 def fit(latents: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Least-squares map (k, 1 + 2C) from features of ``latents`` to ``target`` (h, w, k) values."""
+    """Least-squares map (k, 1 + 2C) from features of ``latents`` to ``target`` (h, w, k) values, rounded to
+    the float16 values the chunk stores."""
     feats = features(latents)
     f = feats.shape[0]
     x = feats.reshape(f, -1).T.astype(np.float64)
@@ -93,16 +95,16 @@ def fit(latents: np.ndarray, target: np.ndarray) -> np.ndarray:
     gram = x.T @ x
     gram[np.diag_indices(f)] += RIDGE * max(float(np.trace(gram)) / f, 1e-12)
     matrix = np.linalg.solve(gram, x.T @ y).T
-    return matrix.astype(np.float32)
+    return np.clip(matrix, -65504, 65504).astype(np.float16).astype(np.float32)
 
 
 def render(latents: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(h, w, k) uint8 preview pixels of (C, h, w) latents under a (k, 1 + 2C) map."""
-    feats = features(latents)
+    """(h, w, k) uint8 preview pixels of (C, h, w) latents under a (k, 1 + 2C) map, in binary64 (spec 13)."""
+    feats = features(np.asarray(latents, np.float64))
     f, h, w = feats.shape
     if matrix.shape[1] != f:
         raise PreviewError(f"preview map has {matrix.shape[1]} terms; {f} expected for {(f - 1) // 2} channels")
-    out = np.asarray(matrix, np.float32) @ feats.reshape(f, -1)
+    out = np.asarray(matrix, np.float64) @ feats.reshape(f, -1).astype(np.float64)  # finite: |map| <= 65504
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).T.reshape(h, w, -1)
 
 
@@ -112,39 +114,26 @@ def pack(matrix: np.ndarray) -> bytes:
         raise ValueError(f"preview map must be (1 or 3, 1 + 2C), got {matrix.shape}")
     if not np.all(np.isfinite(matrix)):
         raise ValueError("preview map must be finite")
-    return _HEAD.pack(VERSION, BASIS_AFFINE_LAPLACIAN, k, 0) + np.ascontiguousarray(matrix, ">f4").tobytes()
+    return _HEAD.pack(VERSION, BASIS_AFFINE_LAPLACIAN, k) + np.ascontiguousarray(matrix, ">f2").tobytes()
 
 
 def unpack(payload: bytes, channels: int) -> np.ndarray:
     """The (k, 1 + 2C) float32 map of a ``prVw`` payload; :class:`PreviewError` if unusable."""
     if len(payload) < _HEAD.size:
         raise PreviewError(f"prVw chunk of {len(payload)} bytes is shorter than its {_HEAD.size}-byte header")
-    version, basis, k, _ = _HEAD.unpack_from(payload)
+    version, basis, k = _HEAD.unpack_from(payload)
     if version != VERSION or basis != BASIS_AFFINE_LAPLACIAN:
         raise PreviewError(f"prVw version {version} basis {basis} is not known to this reader")
     if k not in (1, 3):
         raise PreviewError(f"prVw declares {k} outputs; 1 or 3 expected")
     f = feature_count(channels)
-    need = _HEAD.size + 4 * k * f
+    need = _HEAD.size + 2 * k * f
     if len(payload) != need:
         raise PreviewError(f"prVw chunk holds {len(payload)} bytes; {need} expected for {channels} channels")
-    matrix = np.frombuffer(payload, ">f4", offset=_HEAD.size).reshape(k, f).astype(np.float32)
+    matrix = np.frombuffer(payload, ">f2", offset=_HEAD.size).reshape(k, f).astype(np.float32)
     if not np.all(np.isfinite(matrix)):
         raise PreviewError("prVw map holds non-finite values")
     return matrix
-
-
-def reader_latents(
-    fields: dict, payload: np.ndarray, palette: np.ndarray | None, shape: tuple[int, int] | None = None
-) -> np.ndarray:
-    """The float32 latents a reader will dequantize from :func:`codec.quantize`'s output; ``shape``: the latent
-    (h, w), needed by the transform quantizer (its coefficient planes are padded to multiples of 4)."""
-    if fields.get("quantizer") == "transform":
-        f = fields
-        hw = shape if shape is not None else payload.shape[1:]
-        return transform_coder.dequantize(payload, f["offset"], f["scale"], f["levels"], f["weights"], hw)
-    symbols = payload if palette is None else palette[payload].transpose(2, 0, 1)
-    return dequantize(symbols, fields["offset"], fields["scale"])
 
 
 def preview_chunk(latents: np.ndarray, rgb: np.ndarray, mode: str, factor: int) -> Chunk:

@@ -9,7 +9,7 @@ DEFAULT_QUALITY = 75
 ORIGINAL_SPAN = 3.0
 
 #: Named methods (``method=`` save option); ``quality`` tunes each of them except ``original``.
-METHODS = ("auto", "transform", "context", "scalar", "palette", "original")
+METHODS = ("auto", "transform", "scalar", "palette", "original")
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,11 @@ class QuantSettings:
     palette_method: ``"kmeans"`` (uniform L2, any channel count) or
         ``"imagequant"`` (libimagequant, 4 channels, as the original method).
     dither: error-diffusion strength 0..1 for palettes.
-    coder: entropy coder of the symbol payload (``raw``, ``zstd``, ``context``, ``transform``).
-    quality: the context and transform quantizers' knob (their step size, see core/context_coder.py).
+    coder: entropy coder of the symbol payload (``raw``, ``zstd``; ``transform`` for the transform quantizer).
+    quality: the transform quantizer's knob (its step size, see core/transform_coder.py).
     span: scalar grid over the fixed range [-span, span] for every channel (None: each channel's min..max).
-    grid: the context quantizer's per-channel (steps, phases, centres), or the transform quantizer's
-        (steps, offsets, band weights), to use instead of those the latents choose (set by latent
-        refinement, which aims at a fixed quantizer; see context_coder.grid, transform_coder.params).
+    grid: the transform quantizer's (steps, offsets, band weights) to use instead of those the latents
+        choose (set by latent refinement, which aims at a fixed quantizer; see transform_coder.params).
     """
 
     quantizer: str = "scalar"
@@ -39,7 +38,7 @@ class QuantSettings:
     coder: str = "zstd"
     quality: int = DEFAULT_QUALITY
     span: float | None = None
-    grid: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None  # or transform_coder.Params
+    grid: tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]] | None = None  # transform_coder.Params
 
 
 def settings_for(
@@ -54,10 +53,7 @@ def settings_for(
     ``auto`` = ``transform`` (the default): a 4x4 DCT of each latent channel, its coefficients quantized
     with a step of ``0.28 * 2 ** ((60 - quality) / 13)`` latent units (quality 75: 0.113) times a band
     weight that grows with frequency (1 at DC, 3 at the highest band), per-channel weights for 4-channel
-    latents and dead-zone rounding, each band range coded (coder 3).
-    ``context``: uniform scalar quantization of the latents themselves with a step of
-    ``0.28 * 2 ** ((70 - quality) / 13)`` (quality 75: 0.214), the same per-channel weights and dead zone,
-    coded by the context-model range coder (coder 2).
+    latents and dead-zone rounding, each band range coded (the range coder, id 2).
     ``scalar``: scalar quantization of each channel's min..max range to
     ``round(2 ** (1 + 7 * quality / 100))`` levels (quality 0: 2, 75: 76,
     100: 256), then zstd.
@@ -86,8 +82,6 @@ def settings_for(
         s = QuantSettings("palette", 256, palette_size or round(2 ** (3 + 5 * q / 100)), "kmeans", 1.0, "zstd")
     elif method == "scalar":
         s = QuantSettings("scalar", max(2, round(2 ** (1 + 7 * q / 100))))
-    elif method == "context":
-        s = QuantSettings("scalar", coder="context", quality=q)
     else:
         s = QuantSettings("transform", coder="transform", quality=q)
     return s if dither is None else replace(s, dither=float(dither))

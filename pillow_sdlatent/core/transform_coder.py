@@ -1,56 +1,28 @@
-"""Coder 3 ("transform"): 4x4 DCT of each latent channel, frequency-weighted steps, range coding per band.
+"""The transform quantizer and its range-coded stream (spec section 5.3): 4x4 DCT of each latent channel,
+steps that grow with frequency, one range-coded batch per frequency band.
 
-Imports only numpy, constriction and the standard library (no torch). Dequantization and the stream layout
-are normative (spec section 5.2); the quantizer is the reference writer's choice.
+Model-free and torch-free (numpy, and constriction through :mod:`.rangecode`). Dequantization and the
+stream are normative (spec sections 5.3, 6); the quantizer is the reference writer's choice.
 
-Why a transform: quantizing the latents themselves (coder 2) puts the same white noise on every spatial
-frequency of the latent plane, and at low rates every latent still costs bits. A 4x4 DCT with steps that
-grow with frequency spends the bits on the low frequencies, where the decoders turn quantization error into
-errors over areas that the eye sees, and lets fine latent detail fall to zero (docs/transform-coder.md:
-BD-rate on JOD about -30% against coder 2 on the same latents).
+Why a transform: quantizing the latents themselves puts the same white noise on every spatial frequency
+of the latent plane, and at low rates every latent still costs bits. A 4x4 DCT with steps that grow with
+frequency spends the bits on the low frequencies, where the decoders turn quantization error into errors
+over areas that the eye sees, and lets fine latent detail fall to zero (docs/transform-coder.md).
 
-SYMBOLS  (C, H, W) uint16 with H = 4 * ceil(h / 4), W = 4 * ceil(w / 4): coefficient (u, v) of the block
-  at block row i, column j of channel c sits at S[c][4i + u][4j + v].  Coefficient value (a signed index)
-  q = S - Z_c with Z_c = (levels[c] - 1) // 2.
-
-DEQUANTIZE  (float64 throughout, every operation IEEE rounded, no fused multiply-add; then one float32 cast)
-  X = float64(q) * float64(scale[c]) * float64(weight[u][v]) / 16        (exact: fewer than 53 bits)
-  t[u][x] = ((X[u][0] * T[0][x] + X[u][1] * T[1][x]) + X[u][2] * T[2][x]) + X[u][3] * T[3][x]
-  y[y'][x] = ((T[0][y'] * t[0][x] + T[1][y'] * t[1][x]) + T[2][y'] * t[2][x]) + T[3][y'] * t[3][x]
-  Z[c][4i + y'][4j + x] = float32(float64(offset[c]) + y[y'][x]), then cropped to (h, w).
-  T: the orthonormal 4-point DCT-II, T[k][n] = c_k cos((2n + 1) k pi / 8): rows (1/2, 1/2, 1/2, 1/2),
-  (A, B, -B, -A), (1/2, -1/2, -1/2, 1/2), (B, -A, A, -B) with the binary64 constants A, B below.
-
-STREAM  encode_symbols(symbols, levels, weights) -> bytes; integers little endian; two versions (magic).
-  Version 2, b"ST2" (written): u8 weight code w (0..254: weight[u][v] = min(255, 16 + (2w(u+v) + 6) // 12);
-  255: 16 x u8 weights follow); C x u8 nb[c] (0..16): bands of channel c coded, in ZIGZAG order, the others
-  all zero (S = Z_c); u32 crc32 of the symbols (u16 little endian, C-order); the RangeEncoder payload (u32
-  words): first three parameter batches with fixed models (COEF_MODEL, SHIFT_MODEL, RANK_MODEL): the DC
-  predictor coefficients (coder 2's features on the DC planes) of the coded channels, + 128; then for every
-  model in coding order its change of sh and of shape rank (SHAPE_ORDER) against its reference model
-  (model_references); then the bands.
-  Version 1, b"ST1" (read only): 16 x u8 weights; nb; NF(c, k) x i8 DC predictor coefficients for every c, k;
-  for c, for band i < nb[c]: u8 sh, u8 shape (band 0, the DC plane: four, one per phase k); crc; the words.
-  Band order: channel c = 0..C-1, then its bands in ZIGZAG order.  Band 0 (DC, plane S[c][0::4][0::4]) is coded
-  exactly as coder 2 codes a channel (four phases, linear prediction from decoded DC neighbours and the DC
-  planes of up to 3 previous channels, centre mu = Z_c; only channels with nb[c] >= 1 count as decoded, the
-  others are Z_c).  Band (u, v) != (0, 0), plane S[c][u::4][v::4] in row-major order, is one batch with
-  prediction Z_c under model (sh, shape) of the band.
+Symbols: (C, H, W) uint16 with H = 4 ceil(h / 4), W = 4 ceil(w / 4); coefficient (u, v) of block (i, j)
+of channel c at S[c][4i + u][4j + v]; its signed index q = S - Z_c with the centre Z_c = (levels[c] - 1) // 2.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Sequence
 
-import constriction
 import numpy as np
 
-from . import context_coder as cc
+from . import rangecode as rc
 
 BLOCK = 4
-#: Bands in coding order (the coder stops at the last non-zero band of each channel).
+#: Bands in coding order (a channel codes the first nb[c] of them; the others hold only Z_c).
 ZIGZAG = (
     (0, 0), (0, 1), (1, 0), (2, 0), (1, 1), (0, 2), (0, 3), (1, 2),
     (2, 1), (3, 0), (3, 1), (2, 2), (1, 3), (2, 3), (3, 2), (3, 3),
@@ -58,24 +30,30 @@ ZIGZAG = (
 _A = float.fromhex("0x1.4e7ae9144f0fcp-1")  # sqrt(1/2) cos(pi/8)
 _B = float.fromhex("0x1.1517a7bdb3896p-2")  # sqrt(1/2) cos(3 pi/8)
 BASIS = np.array([[0.5, 0.5, 0.5, 0.5], [_A, _B, -_B, -_A], [0.5, -0.5, -0.5, 0.5], [_B, -_A, _A, -_B]])
+
+# ---------------------------------------------------------------- the reference writer's quantizer
+#: Step at quality 60 (latent units); it halves every QSTEP quality points: 0.28 * 2 ** ((60 - q) / 13).
+STEP0, Q_STEP0, QSTEP = 0.28, 60.0, 13.0
+#: Per-channel step multipliers for 4-channel latents (SD / SDXL latent spaces): step_c ~ 1/sqrt(decoder
+#: sensitivity of channel c), measured with TAESD and TAESDXL (relative dMSE ~ (1.12, 0.74, 0.745, 1.40)).
+CH_WEIGHT_4 = (0.945, 1.162, 1.159, 0.845)
 #: Step multiplier of band (u, v): 1 + WEIGHT_SLOPE * (u + v) / 6, stored in Q4; measured against slopes 0, 1
-#: and 3 with benchmarks/quantizer_variants.py (docs/transform-coder.md).
+#: and 3 (docs/transform-coder.md).
 WEIGHT_SLOPE = 2.0
 #: Dead-zone rounding offset of the AC coefficients (the DC is rounded to nearest).
 RHO = 0.30
-#: The transform spends fewer bits than coder 2 at the same step; its quality q uses coder 2's step of
-#: quality q + QUALITY_SHIFT, so that a quality gives about the image quality it gave with coder 2 (TAESD on
-#: Kodak: quality 75 near the float decode's JOD) at a smaller file.
-QUALITY_SHIFT = 10.0
+
+Params = tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]  # per channel step, offset; 16 weights
 
 
 def quality_to_step(quality: float) -> float:
     """Base step (latent units) of a quality 0..100: ``0.28 * 2 ** ((60 - quality) / 13)`` (quality 75: 0.113)."""
     q = min(100.0, max(0.0, float(quality)))
-    return cc.STEP0 * 2.0 ** ((cc.Q0 - q - QUALITY_SHIFT) / cc.QSTEP)
+    return STEP0 * 2.0 ** ((Q_STEP0 - q) / QSTEP)
 
 
-Params = tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]  # per channel step, offset; 16 weights
+def channel_multipliers(channels: int) -> list[float]:
+    return list(CH_WEIGHT_4) if channels == 4 else [1.0] * channels
 
 
 def default_weights(slope: float | None = None) -> tuple[int, ...]:
@@ -114,21 +92,19 @@ def inverse(X: np.ndarray) -> np.ndarray:
 
 
 def _weight_plane(weights: Sequence[int], H: int, W: int) -> np.ndarray:
-    w = np.asarray(weights, np.float64).reshape(BLOCK, BLOCK) / 16.0
-    return np.tile(w, (H // BLOCK, W // BLOCK))
+    return np.tile(np.asarray(weights, np.float64).reshape(BLOCK, BLOCK), (H // BLOCK, W // BLOCK)) / 16.0
 
 
-def params(latents: np.ndarray, quality: float, channel_weights: Sequence[float] | None = None) -> Params:
-    """The quantizer's fixed parameters for these latents: per-channel steps (coder 2's, float32-exact) and
-    offsets (channel means, float32), and the band weights. Refinement computes them once and aims at them."""
+def params(latents: np.ndarray, quality: float) -> Params:
+    """The quantizer's fixed parameters for these latents: per-channel steps (float32-exact) and offsets
+    (channel means, float32), and the band weights. Refinement computes them once and aims at them."""
     z = np.asarray(latents, dtype=np.float32)
     if z.ndim != 3:
         raise ValueError("latents must be (C,h,w)")
-    C = z.shape[0]
     step = quality_to_step(quality)
-    steps = tuple(float(np.float32(step * m)) for m in cc.channel_multipliers(C, channel_weights))
+    steps = tuple(float(np.float32(step * m)) for m in channel_multipliers(z.shape[0]))
     zc = np.nan_to_num(z.astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
-    offsets = tuple(float(np.float32(zc[c].mean())) for c in range(C))
+    offsets = tuple(float(np.float32(zc[c].mean())) for c in range(z.shape[0]))
     return steps, offsets, default_weights()
 
 
@@ -174,52 +150,96 @@ def dequantize(
     weights: Sequence[int],
     shape: tuple[int, int],
 ) -> np.ndarray:
-    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.2 says."""
-    _, H, W = symbols.shape
-    zero = ((np.asarray(levels, np.int64) - 1) // 2)[:, None, None]
-    q = symbols.astype(np.int64) - zero
-    X = q.astype(np.float64) * np.asarray(scale, np.float32).astype(np.float64)[:, None, None]
-    X = X * (np.tile(np.asarray(weights, np.float64).reshape(BLOCK, BLOCK), (H // BLOCK, W // BLOCK)) / 16.0)
-    y = np.asarray(offset, np.float32).astype(np.float64)[:, None, None] + inverse(X)
-    return y.astype(np.float32)[:, : shape[0], : shape[1]]
+    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says.
+
+    Channel by channel: the float64 temporaries hold one channel's plane, not the whole latent."""
+    C, H, W = symbols.shape
+    h, w = shape
+    zero = (np.asarray(levels, np.int64) - 1) // 2
+    sc = np.asarray(scale, np.float32).astype(np.float64)
+    off = np.asarray(offset, np.float32).astype(np.float64)
+    wp = _weight_plane(weights, H, W)
+    out = np.empty((C, h, w), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller checks finiteness
+        for c in range(C):
+            X = symbols[c].astype(np.float64)
+            X -= zero[c]  # exact: |q| < 2**16
+            X *= sc[c]
+            X *= wp
+            y = inverse(X)
+            y += off[c]
+            out[c] = y[:h, :w]
+    return out
 
 
-def _bands(nb: int) -> list[tuple[int, int]]:
-    return list(ZIGZAG[:nb])
+# ---------------------------------------------------------------- DC prediction (spec section 5.3.3)
 
 
-def _dc_batches(dc: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The positions of the DC planes' four phases (coder 2's batches)."""
-    hb, wb = dc.shape[1:]
-    return [cc._phase_pos(hb, wb, k) for k in range(4)]
+def feature_count(c: int, k: int) -> int:
+    """NF(c, k): spatial features of phase k plus one per previous channel, at most three."""
+    return (0, 1, 2, 2)[k] + min(c, 3)
 
 
-# ---------------- stream version 2: the header's parameters range-coded -----------------
-#: Stream magics by version. Version 1 (b"ST1") stored every band model in two bytes, 12-22% of a small
-#: file; version 2 (b"ST2", what the writer writes) range-codes the parameters. Readers decode both.
-MAGICS = {1: b"ST1", 2: b"ST2"}
-STREAM_VERSION = 2
-#: Weight code of a version-2 stream that says 16 explicit weight bytes follow.
+def _mirror_pad(D: np.ndarray) -> np.ndarray:
+    """D with one row and column around it: the neighbour mirrored across the edge (y - dy for y + dy), or 0
+    where the plane has a single row or column (the mirror is outside too)."""
+    h, w = D.shape
+    zr = np.zeros((1, w), D.dtype)
+    P = np.concatenate([D[1:2] if h > 1 else zr, D, D[-2:-1] if h > 1 else zr], 0)
+    zc = np.zeros((h + 2, 1), D.dtype)
+    return np.concatenate([P[:, 1:2] if w > 1 else zc, P, P[:, -2:-1] if w > 1 else zc], 1)
+
+
+_CROSS_V, _CROSS_H = ((-1, 0), (1, 0)), ((0, -1), (0, 1))
+_DIAG = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+#: Spatial features of each phase, as the neighbour offsets they sum (spec section 5.3.3).
+_SPATIAL = ((), (_CROSS_H,), (_CROSS_V, _DIAG), (_DIAG, _CROSS_V + _CROSS_H))
+
+
+def dc_features(DC: np.ndarray, c: int, k: int) -> list[np.ndarray]:
+    """The NF(c, k) features (int64 planes over phase k's positions) of channel c's centred DC plane DC[c]:
+    sums of mirrored neighbours, then the DC planes of up to three previous channels."""
+    y0, x0 = k >> 1, k & 1
+    ny, nx = len(range(y0, DC.shape[1], 2)), len(range(x0, DC.shape[2], 2))
+    F: list[np.ndarray] = []
+    if _SPATIAL[k] and ny and nx:
+        P = _mirror_pad(DC[c])
+        for offsets in _SPATIAL[k]:
+            F.append(sum(P[1 + y0 + dy :: 2, 1 + x0 + dx :: 2][:ny, :nx] for dy, dx in offsets))
+    elif _SPATIAL[k]:
+        F += [np.zeros((ny, nx), np.int64)] * len(_SPATIAL[k])
+    F += [DC[p, y0::2, x0::2] for p in range(c - 1, max(-1, c - 4), -1)]
+    return F
+
+
+def dc_predict(F: list[np.ndarray], coef: np.ndarray, zero: int, L: int, n: int) -> np.ndarray:
+    """Flat int64 predictions clip(Z + ((sum a_i f_i + 32) >> 6), 0, L - 1); Z alone without features."""
+    if not F:
+        return np.full(n, zero, np.int64)
+    s = sum(f * int(a) for f, a in zip(F, coef, strict=True))
+    return np.clip(zero + ((s + 32) >> 6), 0, L - 1).ravel()
+
+
+def fit_predictor(F: list[np.ndarray], target: np.ndarray) -> np.ndarray:
+    """The encoder's DC predictor: least-squares coefficients of the features in Q6, clipped to -128..127."""
+    if not F:
+        return np.zeros(0, np.int64)
+    X = np.stack([f.ravel() for f in F], 1).astype(np.float64)
+    if X.shape[0] < X.shape[1]:
+        return np.zeros(X.shape[1], np.int64)
+    a = np.linalg.lstsq(X, target.ravel().astype(np.float64), rcond=None)[0]
+    return np.clip(np.round(a * 64), -128, 127).astype(np.int64)
+
+
+# ---------------------------------------------------------------- the stream (spec section 5.3.4)
+#: Weight code that says 16 explicit weight bytes follow.
 EXPLICIT_WEIGHTS = 255
-#: Fixed models (sh, shape) of the version-2 parameter batches, fitted once to the parameters of the Kodak
-#: streams at qualities 30..75 (TAESD): DC predictor coefficients, shift changes, shape-rank changes.
+#: Fixed models (sh, shape) of the parameter batches, fitted once to the parameters of the Kodak streams at
+#: qualities 30..75 (TAESD): DC predictor coefficients, shift changes, shape-rank changes.
 COEF_MODEL = (3, 18)
 SHIFT_MODEL = (0, 41)
 RANK_MODEL = (0, 52)
-_SHIFT_L, _RANK_L = 33, 2 * cc.NSHAPE - 1
-
-
-def _shape_order() -> tuple[int, ...]:
-    """The shapes by decreasing centre-bin weight TABLE[s][R+1] / sum(TABLE[s]) (exact rationals, ties by the
-    smaller index): neighbouring ranks are models of similar spread, Gaussian and Laplace interleaved."""
-    from fractions import Fraction
-
-    key = [Fraction(int(cc.TABLE[s, cc.R + 1]), int(cc.TABLE[s].sum())) for s in range(cc.NSHAPE)]
-    return tuple(sorted(range(cc.NSHAPE), key=lambda s: (-key[s], s)))
-
-
-SHAPE_ORDER = _shape_order()
-RANK = tuple(SHAPE_ORDER.index(s) for s in range(cc.NSHAPE))
+_COEF_L, _SHIFT_L, _RANK_L = 256, 2 * rc.MAX_SHIFT + 1, 2 * rc.NSHAPE - 1
 
 
 def weights_of_code(code: int) -> tuple[int, ...]:
@@ -235,274 +255,180 @@ def weight_code(weights: Sequence[int]) -> int:
 
 def model_references(nb: Sequence[int]) -> list[int]:
     """For each model of a stream in coding order, the index of the model it is coded against (-1: none,
-    i.e. sh 0 and rank 0): DC phase 0 against the previous coded channel's, phase k against phase k - 1, band 1
-    against the previous coded channel's band 1 (else this channel's phase 3), band i against band i - 1."""
+    i.e. sh 0 and rank 0): DC phase 0 against the previous channel's, phase k against phase k - 1, band 1
+    against the previous channel's band 1 if it has one (else this channel's phase 3), band i against i - 1."""
     refs: list[int] = []
-    prev: int | None = None  # index of the previous coded channel's first model
-    for c in range(len(nb)):
-        if not nb[c]:
-            continue
+    prev: int | None = None  # index of the previous channel's first model
+    prev_nb = 0
+    for n in nb:
         first = len(refs)
         refs += [prev if prev is not None else -1, first, first + 1, first + 2]
-        if nb[c] > 1:
-            refs.append(prev + 4 if prev is not None and nb[_prev_coded(nb, c)] > 1 else first + 3)
-            refs += [first + 4 + i for i in range(nb[c] - 2)]
-        prev = first
+        if n > 1:
+            refs.append(prev + 4 if prev is not None and prev_nb > 1 else first + 3)
+            refs += [first + 4 + i for i in range(n - 2)]
+        prev, prev_nb = first, n
     return refs
 
 
-def _prev_coded(nb: Sequence[int], c: int) -> int:
-    return max(k for k in range(c) if nb[k])
+def header_size(data: bytes, channels: int) -> int:
+    """Bytes of a stream's fixed part (weight code, explicit weights, nb[]) before the range coder's words."""
+    if not data:
+        raise ValueError("empty transform stream")
+    return 1 + (BLOCK * BLOCK if data[0] == EXPLICIT_WEIGHTS else 0) + channels
 
 
-def _delta_costs(model: tuple[int, int], L: int) -> np.ndarray:
-    """Ideal bits of every change d = -(L-1)/2..(L-1)/2 (index d + (L-1)/2) under a parameter model."""
-    mid = (L - 1) // 2
-    r = np.arange(L, dtype=np.int64) - mid
-    pred = np.full(L, mid, np.int64)
-    sh, shape = model
-    b = np.clip((r >> sh) + cc.R + 1, 0, cc.NB - 1)
-    bits = -np.log2(cc.model_probabilities(cc._bin_weights(shape, pred, sh, L), b)) + sh
-    return bits + np.where((b == 0) | (b == cc.NB - 1), np.log2(max(2, (L >> sh) + 2)), 0.0)
+def band_counts(data: bytes, channels: int) -> list[int]:
+    """nb[c]: how many bands (in ZIGZAG order) each channel codes."""
+    p = header_size(data, channels) - channels
+    return list(data[p : p + channels])
 
 
-_SHIFT_COST = _delta_costs(SHIFT_MODEL, _SHIFT_L)
-_RANK_COST = _delta_costs(RANK_MODEL, _RANK_L)
-_RANK_ARR = np.array(RANK, np.int64)
-
-
-def _choose_model(r: np.ndarray, L: int, ref: tuple[int, int] | None) -> tuple[int, int]:
-    """The model of a batch: fewest bits of residuals plus, in version 2 (``ref`` = the reference model), of
-    the model's own change against its reference."""
-    t = cc.model_costs(r, L)
-    if ref is not None:
-        rsh, rshape = ref
-        t = t + _SHIFT_COST[np.arange(17) - rsh + 16][:, None] + _RANK_COST[_RANK_ARR - RANK[rshape] + cc.NSHAPE - 1]
-    sh, shape = np.unravel_index(int(np.argmin(t)), t.shape)
+def _choose_model(r: np.ndarray, L: int, ref: tuple[int, int]) -> tuple[int, int]:
+    """The model of a batch: fewest bits of its residuals plus those of the model's change against ``ref``."""
+    t = rc.model_costs(r, L)
+    rsh, rshape = ref
+    shift_cost = rc.delta_costs(SHIFT_MODEL, _SHIFT_L)[np.arange(rc.MAX_SHIFT + 1) - rsh + rc.MAX_SHIFT]
+    rank_cost = rc.delta_costs(RANK_MODEL, _RANK_L)[rc.ranks() - rc.ranks()[rshape] + rc.NSHAPE - 1]
+    sh, shape = np.unravel_index(int(np.argmin(t + shift_cost[:, None] + rank_cost[None, :])), t.shape)
     return int(sh), int(shape)
 
 
 def encode_symbols(
-    symbols: np.ndarray,
-    levels: Sequence[int] | np.ndarray,
-    weights: Sequence[int],
-    costs: list[float] | None = None,
-    version: int = STREAM_VERSION,
+    symbols: np.ndarray, levels: Sequence[int] | np.ndarray, weights: Sequence[int], costs: list[float] | None = None
 ) -> bytes:
-    """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` (odd sizes: the zero
-    coefficient is the middle symbol) and band weights; ``costs`` receives the ideal bits of every batch.
-    ``version`` 1 writes the older layout (kept for the spec's vectors and comparisons)."""
-    symbols, levels = cc._check(symbols, levels)
-    C, H, W = symbols.shape
-    if version not in MAGICS:
-        raise ValueError(f"unknown stream version {version}")
+    """The stream of coefficient symbols (C, H, W) with per-channel alphabets ``levels`` and band weights;
+    ``costs``, if given, receives the ideal bits of each batch under its model, parameters included (what the
+    range coder spends up to its rounding)."""
+    S = np.asarray(symbols).astype(np.int64)
+    levels = np.asarray(levels).astype(np.int64).ravel()
+    if S.ndim != 3 or levels.size != S.shape[0] or (levels < 2).any() or (levels > 65536).any():
+        raise ValueError("symbols must be (C, H, W) with one alphabet of 2..65536 per channel")
+    C, H, W = S.shape
     if H % BLOCK or W % BLOCK:
         raise ValueError(f"coefficient planes must be multiples of {BLOCK}, got {H}x{W}")
     if len(weights) != BLOCK * BLOCK or not all(1 <= int(v) <= 255 for v in weights):
         raise ValueError("weights must be 16 integers in 1..255")
-    S = symbols.astype(np.int64)
-    if (levels[:, None, None] <= S).any():
+    if (S < 0).any() or (levels[:, None, None] <= S).any():
         raise ValueError("symbol >= levels")
     zero = (levels - 1) // 2
     nb = []
-    for c in range(C):
+    for c in range(C):  # the DC band is always coded: it bounds the values a stream can declare
         nz = [i for i, (u, v) in enumerate(ZIGZAG) if (S[c, u::BLOCK, v::BLOCK] != zero[c]).any()]
-        nb.append(nz[-1] + 1 if nz else 0)
-    refs = model_references(nb) if version == 2 else None
+        nb.append(max(1, nz[-1] + 1 if nz else 1))
+    refs = model_references(nb)
     DC = S[:, ::BLOCK, ::BLOCK] - zero[:, None, None]
     coefs: list[np.ndarray] = []
     models: list[tuple[int, int]] = []
-    batches: list[tuple[np.ndarray, np.ndarray, int, int]] = []  # (residuals, predictions, L, model index)
+    batches: list[tuple[np.ndarray, int]] = []  # (residuals, alphabet); model i codes batch i
 
     def choose(r: np.ndarray, L: int) -> None:
-        ref = None if refs is None else (models[refs[len(models)]] if refs[len(models)] >= 0 else (0, 0))
-        models.append(_choose_model(r, L, ref) if r.size else (ref or (0, 0)))
+        ref = models[refs[len(models)]] if refs[len(models)] >= 0 else (0, 0)
+        models.append(_choose_model(r, L, ref) if r.size else ref)  # an empty phase copies its reference
+        batches.append((r, L))
 
     for c in range(C):
         L = int(levels[c])
-        for k, (ys, xs) in enumerate(_dc_batches(DC)):
-            if nb[c] == 0 or ys.size == 0 or xs.size == 0:
-                coefs.append(np.zeros(cc._nfeat(c, k), np.int8))
-                if nb[c]:
-                    choose(np.zeros(0, np.int64), L)  # a placeholder: no symbols
-                continue
-            a, pred = cc.fit_predictor(DC, c, k, ys, xs, int(zero[c]), L)
-            r = S[c, ::BLOCK, ::BLOCK][np.ix_(ys, xs)].ravel() - pred
+        for k in range(4):
+            F = dc_features(DC, c, k)
+            target = DC[c, k >> 1 :: 2, k & 1 :: 2]
+            a = fit_predictor(F, target) if target.size else np.zeros(feature_count(c, k), np.int64)
             coefs.append(a)
-            choose(r, L)
-            batches.append((r, pred, L, len(models) - 1))
-        for u, v in _bands(nb[c])[1:]:
-            r = S[c, u::BLOCK, v::BLOCK].ravel() - zero[c]
-            choose(r, L)
-            batches.append((r, np.full(r.size, zero[c]), L, len(models) - 1))
-    enc = constriction.stream.queue.RangeEncoder()
-    crc = struct.pack("<I", zlib.crc32(symbols.astype("<u2").tobytes()))
-    if version == 1:
-        head = bytearray(MAGICS[1]) + bytes(int(v) for v in weights) + bytes(nb)
-        for a in coefs:
-            head += a.astype(np.int8).tobytes()
-        for sh, shape in models:
-            head += bytes((sh, shape))
-        head += crc
-    else:
-        code = weight_code(weights)
-        head = bytearray(MAGICS[2]) + bytes([code])
-        if code == EXPLICIT_WEIGHTS:
-            head += bytes(int(v) for v in weights)
-        head += bytes(nb) + crc
-        _encode_parameters(enc, nb, coefs, models, refs or [], costs)
-    for r, pred, L, m in batches:
-        cc.encode_batch(enc, r, pred, L, *models[m], costs)
-    return bytes(head) + enc.get_compressed().astype("<u4").tobytes()
+            pred = dc_predict(F, a, int(zero[c]), L, target.size)
+            choose(target.ravel() + zero[c] - pred, L)
+        for u, v in ZIGZAG[1 : nb[c]]:
+            choose(S[c, u::BLOCK, v::BLOCK].ravel() - zero[c], L)
+    ref = [models[i] if i >= 0 else (0, 0) for i in refs]
+    dsh = np.array([m[0] - f[0] for m, f in zip(models, ref, strict=True)], np.int64)
+    drk = np.array([rc.ranks()[m[1]] - rc.ranks()[f[1]] for m, f in zip(models, ref, strict=True)], np.int64)
+    parameters = [(np.concatenate(coefs), _COEF_L, COEF_MODEL), (dsh, _SHIFT_L, SHIFT_MODEL),
+                  (drk, _RANK_L, RANK_MODEL)]  # fmt: skip
+    enc = rc.new_encoder()
+    for r, L, (sh, shape) in [*parameters, *((r, L, m) for (r, L), m in zip(batches, models, strict=True))]:
+        rc.encode_batch(enc, r, L, sh, shape)
+        if costs is not None and r.size:
+            costs.append(float(rc.model_costs(r, L)[sh, shape]))
+    code = weight_code(weights)
+    head = bytes([code]) + (bytes(int(v) for v in weights) if code == EXPLICIT_WEIGHTS else b"") + bytes(nb)
+    return head + rc.words_of(enc)
 
 
-def _encode_parameters(
-    enc: constriction.stream.queue.RangeEncoder,
-    nb: Sequence[int],
-    coefs: list[np.ndarray],
-    models: list[tuple[int, int]],
-    refs: list[int],
-    costs: list[float] | None,
-) -> None:
-    """Version 2's parameter batches: the DC predictor coefficients of the coded channels, then every
-    model's change of shift and of shape rank against its reference (spec section 5.2)."""
-    a = np.concatenate([coefs[4 * c + k] for c in range(len(nb)) if nb[c] for k in range(4)] + [np.zeros(0, np.int8)])
-    a = a.astype(np.int64)
-    if a.size:
-        cc.encode_batch(enc, a, np.full(a.size, 128), 256, *COEF_MODEL, costs)
-    if models:
-        ref = [models[i] if i >= 0 else (0, 0) for i in refs]
-        dsh = np.array([m[0] - f[0] for m, f in zip(models, ref, strict=True)], np.int64)
-        drk = np.array([RANK[m[1]] - RANK[f[1]] for m, f in zip(models, ref, strict=True)], np.int64)
-        cc.encode_batch(enc, dsh, np.full(dsh.size, 16), _SHIFT_L, *SHIFT_MODEL, costs)
-        cc.encode_batch(enc, drk, np.full(drk.size, cc.NSHAPE - 1), _RANK_L, *RANK_MODEL, costs)
-
-
-def _decode_parameters(
-    dec: constriction.stream.queue.RangeDecoder, nb: Sequence[int]
-) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    C = len(nb)
-    counts = [cc._nfeat(c, k) if nb[c] else 0 for c in range(C) for k in range(4)]
-    n = sum(counts)
-    a = cc.decode_batch(dec, np.full(n, 128), 256, *COEF_MODEL) - 128 if n else np.zeros(0, np.int64)
-    ends = np.cumsum(counts)
-    coefs = [a[e - k : e].astype(np.int8) for e, k in zip(ends, counts, strict=True)]
-    refs = model_references(nb)
-    models: list[tuple[int, int]] = []
-    if refs:
-        dsh = cc.decode_batch(dec, np.full(len(refs), 16), _SHIFT_L, *SHIFT_MODEL) - 16
-        drk = cc.decode_batch(dec, np.full(len(refs), cc.NSHAPE - 1), _RANK_L, *RANK_MODEL) - (cc.NSHAPE - 1)
-        for i, f in enumerate(refs):
-            rsh, rrank = (models[f][0], RANK[models[f][1]]) if f >= 0 else (0, 0)
-            sh, rank = rsh + int(dsh[i]), rrank + int(drk[i])
-            if not (0 <= sh <= 16 and 0 <= rank < cc.NSHAPE):
-                raise ValueError("bad model parameters")
-            models.append((sh, SHAPE_ORDER[rank]))
-    return coefs, models
-
-
-def _header_size(nb: Sequence[int]) -> int:
-    """Bytes of a version-1 stream's fixed part (everything before the range coder's words) for band counts."""
-    C = len(nb)
-    nco = sum(cc._nfeat(c, k) for c in range(C) for k in range(4))
-    return 3 + BLOCK * BLOCK + C + nco + 2 * sum(n + 3 for n in nb if n) + 4
-
-
-def stream_version(data: bytes) -> int:
-    """The layout version a stream's magic names; ValueError for anything else."""
-    for version, magic in MAGICS.items():
-        if data[:3] == magic and len(data) > 3:
-            return version
-    raise ValueError("bad stream header")
-
-
-def _band_count_offset(data: bytes) -> int:
-    """Where nb[] starts: after the 16 weight bytes, which version 2 stores only with EXPLICIT_WEIGHTS."""
-    if stream_version(data) == 1:
-        return 3 + BLOCK * BLOCK
-    return 4 + (BLOCK * BLOCK if data[3] == EXPLICIT_WEIGHTS else 0)
-
-
-def band_counts(data: bytes, channels: int) -> list[int]:
-    """nb[c] of a stream of either version: how many bands (in ZIGZAG order) each channel codes."""
-    p = _band_count_offset(data)
-    return list(data[p : p + channels])
-
-
-def header_size(data: bytes, channels: int) -> int:
-    """Bytes of the stream header of ``data`` (a stream of ``channels`` channels), words excluded (version 2:
-    its parameters are range-coded, part of the words)."""
-    if stream_version(data) == 1:
-        return _header_size(band_counts(data, channels))
-    return _band_count_offset(data) + channels + 4
+def coded_symbols(nb: Sequence[int], H: int, W: int) -> int:
+    """Symbols a stream with band counts ``nb`` range-codes for its coefficients (parameters not counted)."""
+    return sum(nb) * (H // BLOCK) * (W // BLOCK)
 
 
 def decode_symbols(
     data: bytes, shape: Sequence[int], levels: Sequence[int] | np.ndarray
 ) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(coefficient symbols (C, H, W) uint16, band weights) of a stream of either version; ValueError on any
-    inconsistency."""
-    try:
-        C, H, W = (int(v) for v in shape)
-    except Exception:
-        raise ValueError("bad shape") from None
-    if C < 1 or H < 1 or W < 1 or H % BLOCK or W % BLOCK or C * H * W > (1 << 28):
-        raise ValueError("bad shape")
+    """(coefficient symbols (C, H, W) uint16, band weights) of a stream; ValueError on any inconsistency.
+
+    Checks everything the stream's fixed part declares before it allocates the planes: band counts, and
+    the values they bring against what the words can hold (spec section 10)."""
+    C, H, W = (int(v) for v in shape)
+    if C < 1 or H < 1 or W < 1 or H % BLOCK or W % BLOCK:
+        raise ValueError("bad coefficient shape")
     levels = np.asarray(levels).astype(np.int64).ravel()
     if levels.size != C or (levels < 2).any() or (levels > 65536).any():
         raise ValueError("bad levels")
     data = bytes(data)
-    version = stream_version(data)
-    p = _band_count_offset(data)  # the weights, where stored, are the 16 bytes before it
-    fixed = p + C
-    if len(data) < fixed:
-        raise ValueError("bad stream header")
-    weights = tuple(data[p - BLOCK * BLOCK : p]) if p >= 3 + BLOCK * BLOCK else weights_of_code(data[3])
+    hlen = header_size(data, C)
+    if len(data) < hlen:
+        raise ValueError(f"transform stream of {len(data)} bytes ends inside its {hlen}-byte header")
+    weights = tuple(data[1:17]) if data[0] == EXPLICIT_WEIGHTS else weights_of_code(data[0])
     if min(weights) < 1:
         raise ValueError("band weight 0")
     nb = band_counts(data, C)
-    if max(nb) > BLOCK * BLOCK:
-        raise ValueError("more than 16 bands in a channel")
-    hlen = header_size(data, C)
-    if len(data) < hlen or (len(data) - hlen) % 4:
-        raise ValueError("bad stream length")
-    # a forged header must not make a few bytes decode into millions of symbols (spec section 10)
-    coded = sum(H * W * len(_bands(n)) // (BLOCK * BLOCK) for n in nb)
-    if coded > cc.symbol_limit(len(data) - hlen):
-        raise ValueError(f"{coded} coefficients cannot come from a {len(data) - hlen}-byte range-coded payload")
-    p = fixed
-    if version == 1:
-        coefs, p = cc.read_coefficients(data, C, p)
-        models, p = cc.read_models(data, sum(n + 3 for n in nb if n), p)
-    crc = struct.unpack_from("<I", data, p)[0]
-    p += 4
-    dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", (len(data) - p) // 4, p).astype(np.uint32))
+    if min(nb) < 1 or max(nb) > BLOCK * BLOCK:
+        raise ValueError(f"band counts must be 1..{BLOCK * BLOCK}, got {min(nb)}..{max(nb)}")
+    words = rc.parse_words(data[hlen:])
+    # Every value of the planes comes from a coded DC symbol or a coded band: no symbol costs less than
+    # 1/SYMBOLS_PER_BIT bits, so the words bound the work before any of it (spec section 10).
+    if coded_symbols(nb, H, W) > rc.symbol_limit(4 * words.size):
+        raise ValueError(
+            f"{coded_symbols(nb, H, W)} coefficients cannot come from {4 * words.size} bytes of range-coded words"
+        )
+    refs = model_references(nb)
+    dec = rc.Decoder(words)
     zero = (levels - 1) // 2
-    S = np.repeat(zero, H * W).reshape(C, H, W)
-    DC = np.zeros((C, H // BLOCK, W // BLOCK), np.int64)
-    m = 0
-    with cc.stream_errors():
-        if version == 2:
-            coefs, models = _decode_parameters(dec, nb)
+    hb, wb = H // BLOCK, W // BLOCK
+    with rc.stream_errors():
+        counts = [feature_count(c, k) for c in range(C) for k in range(4)]
+        a = rc.decode_batch(dec, sum(counts), _COEF_L, *COEF_MODEL)
+        if ((a < -128) | (a > 127)).any():
+            raise ValueError("DC predictor coefficient out of range")
+        coefs = np.split(a, np.cumsum(counts)[:-1])
+        dsh = rc.decode_batch(dec, len(refs), _SHIFT_L, *SHIFT_MODEL)
+        drk = rc.decode_batch(dec, len(refs), _RANK_L, *RANK_MODEL)
+        models: list[tuple[int, int]] = []
+        order = rc.shape_order()
+        for i, f in enumerate(refs):
+            rsh, rrank = (models[f][0], int(rc.ranks()[models[f][1]])) if f >= 0 else (0, 0)
+            sh, rank = rsh + int(dsh[i]), rrank + int(drk[i])
+            if not (0 <= sh <= rc.MAX_SHIFT and 0 <= rank < rc.NSHAPE):
+                raise ValueError("band model out of range")
+            models.append((sh, order[rank]))
+        S = np.empty((C, H, W), np.uint16)
+        DC = np.zeros((C, hb, wb), np.int64)
+        m = 0
         for c in range(C):
-            if nb[c] == 0:
-                continue
             L = int(levels[c])
-            dcs = S[c, ::BLOCK, ::BLOCK]  # a view: decoded DC symbols land in S
-            for k, (ys, xs) in enumerate(_dc_batches(DC)):
-                if ys.size == 0 or xs.size == 0:
-                    m += 1
-                    continue
-                F = cc._features(DC, c, k, ys, xs)
-                pred = cc._predict(F, coefs[4 * c + k], int(zero[c]), L)
-                pred = pred.ravel() if pred is not None else np.full(ys.size * xs.size, int(zero[c]), np.int64)
-                s = cc.decode_batch(dec, pred, L, *models[m]).reshape(ys.size, xs.size)
+            S[c] = zero[c]
+            for k in range(4):
+                y0, x0 = k >> 1, k & 1
+                plane = DC[c, y0::2, x0::2]  # a view: the decoded phase lands in DC
+                n = plane.size
+                pred = dc_predict(dc_features(DC, c, k), coefs[4 * c + k], int(zero[c]), L, n)
+                s = pred + rc.decode_batch(dec, n, L, *models[m])
                 m += 1
-                dcs[np.ix_(ys, xs)] = s
-                DC[c][np.ix_(ys, xs)] = s - zero[c]
-            for u, v in _bands(nb[c])[1:]:
-                n = (H // BLOCK) * (W // BLOCK)
-                s = cc.decode_batch(dec, np.full(n, zero[c]), L, *models[m])
+                if n and (s.min() < 0 or s.max() >= L):
+                    raise ValueError("decoded DC symbol out of its alphabet")
+                plane[...] = s.reshape(plane.shape) - zero[c]
+                S[c, BLOCK * y0 :: 2 * BLOCK, BLOCK * x0 :: 2 * BLOCK] = plane + zero[c]
+            for u, v in ZIGZAG[1 : nb[c]]:
+                s = zero[c] + rc.decode_batch(dec, hb * wb, L, *models[m])
                 m += 1
-                S[c, u::BLOCK, v::BLOCK] = s.reshape(H // BLOCK, W // BLOCK)
-    return cc.checked(S, crc), weights
+                if s.min() < 0 or s.max() >= L:
+                    raise ValueError("decoded coefficient out of its alphabet")
+                S[c, u::BLOCK, v::BLOCK] = s.reshape(hb, wb)
+        dec.finish()
+    return S, weights

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..core.header import FINGERPRINT_SIZE
 from ..errors import NonFiniteOutputError
 from .refine import refine_latents
 from .tiling import TilePlan, images_per_run, plan_tiles, run_tiled, tile_pixels
@@ -188,7 +189,8 @@ _prepare_lock = threading.Lock()
 
 
 def fingerprint_tensors(tensors: Iterable[torch.Tensor], extra: bytes = b"") -> bytes:
-    """SHA-256 over a set of weight tensors, independent of their names and order.
+    """The first 16 bytes of a SHA-256 over a set of weight tensors, independent of their names and order
+    (spec section 9; 128 bits tell weights apart with room to spare, and are what ``HEAD`` stores).
 
     Each tensor is hashed as its shape and float32 little-endian values; the
     sorted digests are hashed together with ``extra`` (e.g. the scaling
@@ -208,4 +210,4 @@ def fingerprint_tensors(tensors: Iterable[torch.Tensor], extra: bytes = b"") -> 
     for d in sorted(digests):
         top.update(d)
     top.update(extra)
-    return top.digest()
+    return top.digest()[:FINGERPRINT_SIZE]

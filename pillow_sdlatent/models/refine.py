@@ -70,7 +70,7 @@ HALO = 8
 #: Backward passes keep every activation: a refined tile gets this share of the decode tile's pixels
 #: (measured: TAESD refining 768x512 untiled peaks 1.3 GB above the idle process, 3.3x its forward estimate).
 MEMORY_SHARE = 0.25
-#: Lagrange weight of the quantizer's rate proxy (DeadZoneQuantizer.rate) against the distortion. Measured with
+#: Lagrange weight of the quantizer's rate proxy (the twin's ``rate``) against the distortion. Measured with
 #: the pixel MSE alone (benchmarks/refine.py --jod, TAESD, 6 Kodak 256x256 crops, 10 steps; bpp / JOD at quality
 #: 60): 0: 0.153 / 7.55, 0.01: 0.148 / 7.53, 0.02: 0.143 / 7.47, 0.035: 0.138 / 7.35, 0.05: 0.133 / 7.22. The
 #: curve's slope there is about 21 JOD per bpp, so 0.02 gains about 0.14 JOD at equal rate; at quality 75 0.035
@@ -100,9 +100,9 @@ def refine_latents(
     """Latents (N, C, h, w) refined for ``steps`` steps towards ``images`` (N, 3, H, W) in [0, 1].
 
     ``quantizer``: the elementwise map from latents to what a reader dequantizes (e.g.
-    :func:`dead_zone_quantizer`); the loss is then on the quantized decode, with straight-through
+    :func:`transform_quantizer`); the loss is then on the quantized decode, with straight-through
     gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a
-    ``rate`` proxy (:class:`DeadZoneQuantizer`) adds ``rate_weight`` (default :data:`RATE_WEIGHT`) times
+    ``rate`` proxy (:func:`transform_quantizer`) adds ``rate_weight`` (default :data:`RATE_WEIGHT`) times
     it to the loss, so "best" is the lowest distortion + rate cost, not the lowest distortion alone.
 
     ``height``/``width``: the image's size before padding to the model's multiple (the loss
@@ -160,94 +160,11 @@ def _tile_latents(model: Autoencoder, tile_size: int | None) -> int:
     return max(8, side - side % 4)  # a multiple of 4 (as HALO): tiles start on the transform's block grid
 
 
-class DeadZoneQuantizer:
-    """The context quantizer's rounding (core/context_coder.py) on a fixed per-channel grid
-    (steps, phases, centres), as a torch map from latents to dequantized latents, with a rate proxy."""
+def transform_quantizer(params: tuple):
+    """The transform codec's torch twin on ``params`` (core/transform_coder.params), for :func:`refine_latents`."""
+    from ..core.codec import codec_of
 
-    def __init__(self, grid: tuple) -> None:
-        self.grid = grid
-        self._step, self._phase, self._centre = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in grid)
-
-    def _params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
-        # float64 as the writer computes (MPS has none: float32 there, which can move a value sitting
-        # on a rounding boundary; the file is still quantized by the writer, only the aim differs)
-        dt = torch.float32 if z.device.type == "mps" else torch.float64
-        return *(v.to(z.device, dt) for v in (self._step, self._phase, self._centre)), dt
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        from ..core.context_coder import RHO
-
-        d, ph, m, dt = self._params(z)
-        u = z.to(dt) / d - ph - m
-        q = m + torch.sign(u) * torch.floor(u.abs() + RHO)
-        return ((q + ph) * d).to(z.dtype)
-
-    def rate(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean of ``step^2 * |z / step - phase - centre|``: the distance from the dead zone's centre in
-        steps (the coder's bits grow about linearly with it), in squared latent units like the MSE."""
-        d, ph, m, _ = self._params(z)
-        d, ph, m = (v.to(z.dtype) for v in (d, ph, m))
-        return (d * d * (z / d - ph - m).abs()).mean()
-
-
-class TransformQuantizer:
-    """The transform quantizer (core/transform_coder.py) with fixed parameters (steps, offsets, band weights),
-    as a torch map from latents (N, C, h, w) to what a reader dequantizes, with a rate proxy.
-
-    Works on any crop whose top-left corner sits on the 4x4 block grid: planes that are not a multiple of 4
-    are padded by repeating the last row and column, as the writer pads the image's latents at their edge."""
-
-    def __init__(self, params: tuple) -> None:
-        from ..core import transform_coder as tc
-
-        steps, offsets, weights = params
-        self.params = params
-        self._basis = torch.tensor(tc.BASIS, dtype=torch.float64)
-        self._step = torch.tensor(steps, dtype=torch.float64).view(1, -1, 1, 1, 1, 1)
-        self._offset = torch.tensor(offsets, dtype=torch.float64).view(1, -1, 1, 1)
-        self._weight = torch.tensor(weights, dtype=torch.float64).view(1, 1, 1, 1, 4, 4) / 16.0
-        self._rho = tc.RHO
-
-    def _coefficients(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-        dt = torch.float32 if z.device.type == "mps" else torch.float64  # MPS has no float64
-        n, c, h, w = z.shape
-        x = z.to(dt) - self._offset.to(z.device, dt)
-        x = torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
-        b = x.view(n, c, x.shape[2] // 4, 4, x.shape[3] // 4, 4).transpose(3, 4)  # (n, c, hb, wb, 4, 4)
-        T = self._basis.to(z.device, dt)
-        X = T @ b @ T.T
-        return X, (self._step * self._weight).to(z.device, dt), dt
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        X, s, dt = self._coefficients(z)
-        t = X / s
-        q = torch.sign(t) * torch.floor(t.abs() + self._rho)
-        q[..., 0, 0] = torch.round(t[..., 0, 0])  # the DC rounds to nearest (no gradient flows here)
-        T = self._basis.to(z.device, dt)
-        y = T.T @ (q * s) @ T
-        n, c, hb, wb = y.shape[:4]
-        y = y.transpose(3, 4).reshape(n, c, hb * 4, wb * 4)[:, :, : z.shape[2], : z.shape[3]]
-        return (y + self._offset.to(z.device, dt)).to(z.dtype)
-
-    def rate(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean of ``step^2 * |coefficient / its step|`` over the AC coefficients (the DC is predicted from its
-        neighbours, its size says little about its bits), in squared latent units like
-        :meth:`DeadZoneQuantizer.rate` at band weight 1."""
-        X, s, _ = self._coefficients(z)
-        d = self._step.to(z.device, X.dtype)
-        ac = torch.ones(4, 4, dtype=X.dtype, device=z.device)
-        ac[0, 0] = 0
-        return (d * d * (X / s).abs() * ac).mean().to(z.dtype)
-
-
-def transform_quantizer(params: tuple) -> TransformQuantizer:
-    """:class:`TransformQuantizer` of ``params`` (core/transform_coder.params), for :func:`refine_latents`."""
-    return TransformQuantizer(params)
-
-
-def dead_zone_quantizer(grid: tuple) -> DeadZoneQuantizer:
-    """:class:`DeadZoneQuantizer` of ``grid`` (what :func:`refine_latents` takes as ``quantizer``)."""
-    return DeadZoneQuantizer(grid)
+    return codec_of("transform").twin(params)
 
 
 def _refine_tile(

@@ -1,14 +1,11 @@
-"""The .sdl reader's mutation fuzzer: seeds, mutators, targets and the oracle.
+"""File forging and fuzzing utilities, for this package's tests and benchmarks/fuzz.py (model-free except
+the ``load`` target and :func:`model_seeds`).
 
-The engine behind the test suite's fuzzing tests (tests/test_fuzz.py, test_bombs.py, test_corruption.py)
-and the long-run harness ``benchmarks/fuzz.py``; nothing else in the package uses it.
-
-Seeds are valid small files (the spec's test vectors when the source checkout has them, plus a
-few built here, model-free). Mutations: bit flips, byte edits, truncations, inserted/deleted
-ranges, chunk reorders/drops/duplicates/splices, length-field edits, chunk-type edits, and
-structure-aware edits whose CRC is recomputed so that they reach the parser behind the checksum:
-header fields set to boundary values, consistent forged image sizes, per-channel table entries,
-zstd bombs and coder swaps.
+Seeds are valid small files (the spec's test vectors, when the source tree is there, plus a few built
+here). Mutations: bit flips, byte edits, truncations, inserted/deleted ranges, chunk reorders/drops/
+duplicates/splices, length-field edits, chunk-type edits, and structure-aware edits whose CRC is
+recomputed so that they reach the parser behind the checksum: header fields set to boundary values,
+consistent forged image sizes, per-channel table entries, zstd bombs and coder swaps.
 
 Targets (each an entry of :data:`TARGETS`):
 
@@ -17,9 +14,8 @@ Targets (each an entry of :data:`TARGETS`):
 * ``tolerant``: ``Image.open`` + ``read_latent_file()`` with ``LOAD_TRUNCATED_IMAGES``;
 * ``load``: ``Image.open`` + ``load()``, decoding pixels with a model (TAESD on tiny images).
 
-Allowed outcomes: a consistent result, or one of :data:`ALLOWED` (the exceptions the README
-documents). Anything else, or a run longer than :data:`HANG_SECONDS`, is a :class:`Crash`
-(the harness's verdict, not an error the package raises).
+Allowed outcomes: a consistent result, or one of :data:`ALLOWED` (the exceptions the README documents).
+Anything else, a run longer than :data:`HANG_SECONDS`, or a ``MemoryError`` is a :class:`Crash`.
 """
 
 from __future__ import annotations
@@ -41,14 +37,18 @@ import numpy as np
 import zstandard
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+import pillow_sdlatent
+
 from .core import transform_coder
 from .core.codec import LatentFile, build_chunks, decode_bytes, quantize
 from .core.container import SIGNATURE, write_chunks
-from .core.header import Header
+from .core.header import _CHANNEL, _FIXED, FINGERPRINT_SIZE, Header
 from .core.settings import QuantSettings
 
-#: The source checkout's root (``spec/vectors`` holds seeds there; a wheel has none).
-ROOT = Path(__file__).resolve().parents[1]
+#: The spec's test vectors, where this is a source checkout.
+VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
+HEAD_FIXED = _FIXED.size  # the model id's length is its last byte
+CHANNEL_ROW = _CHANNEL.itemsize
 
 #: What a reader may raise on bad input (README, "Errors"). UnidentifiedImageError is
 #: an OSError; DecompressionBombError is Pillow's own.
@@ -68,7 +68,7 @@ HANG_SECONDS = 2.0
 #: the seeds, small enough to stay inside the address-space cap.
 MAX_BOMB = 1 << 26
 
-PKG_DIR = str(Path(__file__).resolve().parent)
+PKG_DIR = str(Path(pillow_sdlatent.__file__).resolve().parent)
 
 
 class Crash(Exception):
@@ -88,15 +88,15 @@ def build_file(width: int, height: int, mode: str, channels: int, settings: Quan
     rng = np.random.default_rng(seed)
     shape = (channels, -(-height // downscale), -(-width // downscale))
     latents = (np.cumsum(rng.normal(size=shape), axis=2) * 0.5).astype(np.float32)
-    fields, payload, palette = quantize(latents, settings)
+    q = quantize(latents, settings)
     header = Header(
         width=width, height=height, mode=mode, channels=channels, latent_height=shape[1], latent_width=shape[2],
-        model_id=model_id, fingerprint=hashlib.sha256(model_id.encode()).digest(), downscale=downscale,
-        coder=settings.coder, **fields,
+        model_id=model_id, fingerprint=hashlib.sha256(model_id.encode()).digest()[:FINGERPRINT_SIZE],
+        downscale=downscale, coder=settings.coder, **q.fields,
     )  # fmt: skip
     alpha = rng.integers(0, 256, (height, width), dtype=np.uint8) if mode in ("LA", "RGBA") else None
     buf = io.BytesIO()
-    write_chunks(buf, build_chunks(header, payload, palette, alpha, info))
+    write_chunks(buf, build_chunks(header, q, alpha, info))
     return buf.getvalue()
 
 
@@ -123,7 +123,7 @@ def model_seeds(model: str | None = None) -> dict[str, bytes]:
         "taesd-rgb-16": (base.convert("RGB").crop((0, 0, 16, 16)), {"quality": 60}),
         "taesd-rgba-48x40": (base, {"quality": 90}),
         "taesd-l-24x16": (base.convert("L").crop((3, 5, 27, 21)), {"quality": 30}),
-        "taesd-rgb-context": (base.convert("RGB").crop((0, 0, 40, 24)), {"quality": 60, "method": "context"}),
+        "taesd-rgb-scalar": (base.convert("RGB").crop((0, 0, 40, 24)), {"quality": 60, "method": "scalar"}),
         "taesd-la-palette": (base.convert("LA").crop((0, 0, 32, 24)), {"method": "palette", "palette_size": 16}),
     }
     out = {}
@@ -137,7 +137,7 @@ def model_seeds(model: str | None = None) -> dict[str, bytes]:
 def seed_files(extra_dirs: tuple[Path, ...] = ()) -> dict[str, bytes]:
     """Built seeds, the spec's test vectors and any ``.sdl`` in ``extra_dirs``."""
     seeds = built_seeds()
-    for folder in (ROOT / "spec" / "vectors", *extra_dirs):
+    for folder in (VECTORS, *extra_dirs):
         for path in sorted(Path(folder).glob("*.sdl")):
             seeds[path.stem] = path.read_bytes()
     return seeds
@@ -185,9 +185,8 @@ INTERESTING_F32 = (0.0, -0.0, 1e-45, 1e-38, 1.0, -1.0, 3.4e38, -3.4e38, 1e30, fl
 #: HEAD fields: name -> (offset, struct format), after spec section 4.
 HEAD_FIELDS = {
     "version_major": (0, "B"), "version_minor": (1, "B"), "width": (2, ">I"), "height": (6, ">I"),
-    "mode": (10, "B"), "downscale": (11, "B"), "channels": (12, ">H"), "latent_height": (14, ">I"),
-    "latent_width": (18, ">I"), "quantizer": (22, "B"), "coder": (23, "B"), "palette_size": (24, ">I"),
-    "model_id_length": (60, "B"),
+    "mode": (10, "B"), "downscale": (11, "B"), "channels": (12, ">H"), "quantizer": (14, "B"), "coder": (15, "B"),
+    "palette_size": (16, ">I"), "model_id_length": (36, "B"),
 }  # fmt: skip
 
 
@@ -317,7 +316,7 @@ def m_unknown_chunk(chunks: list[list[bytes]], rng: random.Random) -> None:
 
 def _head_index(chunks: list[list[bytes]]) -> int | None:
     for i, c in enumerate(chunks):
-        if c[1] == b"HEAD" and len(c[2]) >= 61:
+        if c[1] == b"HEAD" and len(c[2]) >= HEAD_FIXED:
             return i
     return None
 
@@ -351,52 +350,53 @@ def m_head_resize(p: bytearray, rng: random.Random) -> None:
     h = rng.choice((1, 3, 64, 10000, 1 << 14, 1 << 24))
     p[11] = ds
     struct.pack_into(">II", p, 2, w, h)
-    struct.pack_into(">II", p, 14, -(-h // ds), -(-w // ds))
 
 
 @_head_op
 def m_head_table(p: bytearray, rng: random.Random) -> None:
     """Set one per-channel offset, scale or levels entry to a boundary value."""
-    start = 61 + p[60]
-    channels = (len(p) - start) // 12
+    start = HEAD_FIXED + p[HEAD_FIXED - 1]
+    channels = (len(p) - start) // CHANNEL_ROW
     if channels <= 0:
         return
-    base = start + 12 * rng.randrange(channels)
+    base = start + CHANNEL_ROW * rng.randrange(channels)
     which = rng.randrange(3)
     if which < 2:
         struct.pack_into(">f", p, base + 4 * which, rng.choice(INTERESTING_F32))
     else:
-        struct.pack_into(">I", p, base + 8, _interesting(">I", rng))
+        struct.pack_into(">H", p, base + 8, _interesting(">H", rng))
 
 
 @_head_op
 def m_head_channels(p: bytearray, rng: random.Random) -> None:
     """Change the channel count and resize the table to match (oversized counts)."""
-    start = 61 + p[60]
+    start = HEAD_FIXED + p[HEAD_FIXED - 1]
     new = rng.choice((1, 2, 3, 5, 32, 1024, 1025, 65535))
-    row = bytes(p[start : start + 12]) or struct.pack(">ffI", 0.0, 1.0, 256)
+    row = bytes(p[start : start + CHANNEL_ROW]) or struct.pack(">ffH", 0.0, 1.0, 255)
     struct.pack_into(">H", p, 12, new)
     p[start:] = row * min(new, 2048)
 
 
 @_head_op
 def m_model_id(p: bytearray, rng: random.Random) -> None:
-    n = p[60]
+    n = p[HEAD_FIXED - 1]
     new = rng.choice((b"", b"taesd", b"\x00", b"\xff\xfe", b"x" * 255, b"../..", b"sd", b"a/b/c/d"))
-    p[61 : 61 + n] = new
-    p[60] = len(new) if rng.random() < 0.8 else rng.randrange(256)
+    p[HEAD_FIXED : HEAD_FIXED + n] = new
+    p[HEAD_FIXED - 1] = len(new) if rng.random() < 0.8 else rng.randrange(256)
 
 
 def _declared_size(p: bytes) -> int:
     """Bytes the LDAT of header payload ``p`` must decompress to (0 when unreadable)."""
     try:
-        _, _, _, _, _, _, c, lh, lw, quant, _, psize = struct.unpack_from(">BBIIBBHIIBBI", p)
-        start = 61 + p[60]
-        levels = [struct.unpack_from(">I", p, start + 12 * i + 8)[0] for i in range(c)]
+        _, _, width, height, _, ds, c, quant, _, psize = struct.unpack_from(">BBIIBBHBBI", p)
+        start = HEAD_FIXED + p[HEAD_FIXED - 1]
+        levels = [struct.unpack_from(">H", p, start + CHANNEL_ROW * i + 8)[0] + 1 for i in range(c)]
     except (struct.error, IndexError):
         return 0
+    if not ds:
+        return 0
     sym = 2 if levels and max(levels) > 256 else 1
-    return lh * lw * ((2 if psize > 256 else 1) if quant == 1 else c * sym)
+    return -(-height // ds) * -(-width // ds) * ((2 if psize > 256 else 1) if quant == 1 else c * sym)
 
 
 @_chunk_op
@@ -417,7 +417,7 @@ def m_ldat(chunks: list[list[bytes]], rng: random.Random) -> None:
         payload = b"\x28\xb5\x2f\xfd" + bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
     elif kind == 4 and hi is not None:  # swap the coder byte, payload unchanged
         head = bytearray(chunks[hi][2])
-        head[23] = rng.choice((0, 1, 2, 255))
+        head[HEAD_FIELDS["coder"][0]] = rng.choice((0, 1, 2, 255))
         chunks[hi] = sealed(b"HEAD", bytes(head))
         return
     else:
@@ -557,7 +557,9 @@ def run_one(target: Callable[[bytes], None], data: bytes, hang_seconds: float = 
 def warm_hub_stack() -> None:
     """Import diffusers and the hub client once, so that the first file naming a hub model
     is timed for reading, not for a multi-second import."""
-    from .models import load_model
+    from pillow_sdlatent.models import load_model
 
     with suppress(OSError):  # offline: the weights are absent, the import is done
         load_model("sd", "cpu")
+
+
