@@ -10,9 +10,11 @@ or a TAESD-family folder of ``NAME_encoder``/``NAME_decoder`` weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -57,6 +59,15 @@ FIX = (
     "Download it once with network access, or point options.MODEL / SDLATENT_MODEL (or model=...) at a local "
     "diffusers or TAESD folder (e.g. ../shared/models/taesd)"
 )
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Around (or decorating) diffusers' loaders: they pass huggingface_hub an argument it deprecated, and every
+    missing-model path would print that ``local_dir_use_symlinks`` warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        yield
 
 
 def default_spec() -> str:
@@ -166,6 +177,7 @@ def _vae_class(config: dict) -> type:
     return getattr(diffusers, name)
 
 
+@quiet_hub()
 def _load_diffusers(
     source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype, download: bool = True
 ) -> Autoencoder:
@@ -185,14 +197,11 @@ def _load_diffusers(
         import diffusers
 
         only_local = offline or local or not download
-        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
-            config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
-            cls = _vae_class(config)
-            vae = cls.from_pretrained(  # safetensors only: weights that cannot carry code
-                source, subfolder=subfolder, local_files_only=only_local, use_safetensors=True,
-                torch_dtype=torch.float32,
-            )  # fmt: skip
+        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
+        cls = _vae_class(config)
+        vae = cls.from_pretrained(  # safetensors only: weights that cannot carry code
+            source, subfolder=subfolder, local_files_only=only_local, use_safetensors=True, torch_dtype=torch.float32
+        )
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
@@ -211,6 +220,7 @@ def _load_diffusers(
     return DiffusersAutoencoder(vae, model_id, device, dtype)
 
 
+@quiet_hub()
 def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, download: bool = True) -> Autoencoder:
     """A ``.safetensors``/``.ckpt`` VAE checkpoint (original LDM or diffusers key names).
 
