@@ -18,7 +18,8 @@ ALLOW_MODEL_MISMATCH: bool = False
 #: Device for encoding and decoding (None: ``SDLATENT_DEVICE`` or cuda > mps > cpu).
 DEVICE: str | None = None
 
-#: Precision (None: float32 on the CPU, bfloat16/float16 on GPUs).
+#: Precision (None: ``SDLATENT_DTYPE``, else bfloat16 on CPUs with AMX, float32 on other CPUs, bfloat16/float16
+#: on GPUs; bfloat16 on the CPU is an autocast over float32 weights). See docs/speed.md.
 DTYPE: str | None = None
 
 #: Diffusion denoising strength applied to latents before decoding (0: off). Opt-in:
@@ -39,3 +40,8 @@ TILE_SIZE: int | None = None
 #: None: ``SDLATENT_REFINE``, else 0). Files stay valid for every reader; encoding costs about
 #: two to three decodes a step, so it is for GPUs or patient CPUs. See :mod:`pillow_sdlatent.models.refine`.
 REFINE: int | None = None
+
+#: What runs the models: "torch", "openvino" (CPU only; the ``[openvino]`` extra) or "auto" (None:
+#: ``SDLATENT_BACKEND``, else "auto": OpenVINO on the CPU when installed, torch elsewhere). The precision is
+#: :data:`DTYPE`'s whichever runs. ``sdlatent info --system`` shows the choice and why. See docs/speed.md.
+BACKEND: str | None = None

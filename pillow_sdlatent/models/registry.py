@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .base import Autoencoder
-from .device import pick_device, pick_dtype
+from .device import choose_backend, pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
 
 DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
@@ -39,8 +39,8 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "taef1": ("madebyollin/taef1", None),
 }
 
-_cache: dict[tuple[str, str, str], Autoencoder] = {}
-_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_cache: dict[tuple[str, str, str, str], Autoencoder] = {}
+_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
 
 
@@ -53,13 +53,18 @@ def default_spec() -> str:
 
 
 def load_model(
-    spec: str | Path | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    spec: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    backend: str | None = None,
 ) -> Autoencoder:
-    """Load (once per process) the autoencoder a spec names."""
+    """Load (once per process) the autoencoder a spec names, run by ``backend`` (see
+    :func:`~.device.choose_backend`) at ``dtype`` (see :func:`~.device.choose_dtype`)."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    key = (spec, str(dev), str(dt))
+    runs_on = choose_backend(dev, backend)[0]
+    key = (spec, str(dev), str(dt), runs_on)
     with _guard:
         if key in _cache:
             return _cache[key]
@@ -68,6 +73,10 @@ def load_model(
         if key not in _cache:
             model = _load_uncached(spec, dev, dt)
             model.spec = spec
+            if runs_on == "openvino":
+                from .ov_backend import OpenVinoRunner
+
+                model.runner = OpenVinoRunner(model, dt)
             _cache[key] = model
         return _cache[key]
 
@@ -182,7 +191,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> A
 def loaded_sources(model_id: str) -> list[str]:
     """Specs of the models already loaded in this process whose id is ``model_id``."""
     with _guard:
-        return list(dict.fromkeys(spec for (spec, _, _), m in _cache.items() if m.model_id == model_id))
+        return list(dict.fromkeys(spec for (spec, *_), m in _cache.items() if m.model_id == model_id))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
