@@ -52,9 +52,10 @@ class DiffusersAutoencoder(Autoencoder):
         return DiffusersAutoencoder(vae, self.model_id, self.device, torch.float32, self.fingerprint)
 
     def _nets(self) -> dict[str, torch.nn.Module]:
-        nets = self.__dict__.get("_net_modules")
-        if nets is None:
-            nets = self.__dict__["_net_modules"] = {"encode": _EncoderNet(self.vae), "decode": _DecoderNet(self.vae)}
+        vae, nets = self.__dict__.get("_net_modules", (None, None))
+        if vae is not self.vae or nets is None:  # built once per vae (a copy of this model may hold another)
+            nets = {"encode": _EncoderNet(self.vae), "decode": _DecoderNet(self.vae)}
+            self.__dict__["_net_modules"] = (self.vae, nets)
         return nets
 
     @torch.inference_mode()
