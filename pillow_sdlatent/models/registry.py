@@ -23,7 +23,7 @@ import torch
 from .. import options
 from ..errors import ModelLoadError, ModelNotFoundError
 from .base import Autoencoder
-from .device import pick_device, pick_dtype
+from .device import choose_backend, pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
 
 DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
@@ -49,8 +49,8 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 #: the hub is reachable (:func:`download_allowed`); any other id a file names is looked up locally.
 KNOWN_REPOS = frozenset(hub for hub, _ in ALIASES.values())
 
-_cache: dict[tuple[str, str, str], Autoencoder] = {}
-_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_cache: dict[tuple[str, str, str, str], Autoencoder] = {}
+_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
 
 
@@ -78,16 +78,19 @@ def load_model(
     spec: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    backend: str | None = None,
     *,
     download: bool = True,
 ) -> Autoencoder:
-    """Load (once per process) the autoencoder a spec names. ``download=False``: from local files and the
-    Hugging Face cache only (what decoding a file uses for ids it may not download, see
-    :func:`download_allowed`)."""
+    """Load (once per process) the autoencoder a spec names, run by ``backend`` (see
+    :func:`~.device.choose_backend`) at ``dtype`` (see :func:`~.device.choose_dtype`). ``download=False``:
+    from local files and the Hugging Face cache only (what decoding a file uses for ids it may not download,
+    see :func:`download_allowed`)."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    key = (spec, str(dev), str(dt))
+    runs_on = choose_backend(dev, backend)[0]
+    key = (spec, str(dev), str(dt), runs_on)
     with _guard:
         if key in _cache:
             return _cache[key]
@@ -96,7 +99,11 @@ def load_model(
         if key not in _cache:
             model = _load_uncached(spec, dev, dt, download)
             model.spec = spec
-            model.float32_loader = partial(load_model, spec, dev, torch.float32)
+            model.float32_loader = partial(load_model, spec, dev, torch.float32, runs_on)
+            if runs_on == "openvino":
+                from .ov_backend import OpenVinoRunner
+
+                model.runner = OpenVinoRunner(model, dt)
             _cache[key] = model
         return _cache[key]
 
@@ -260,7 +267,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, down
 def loaded_sources(model_id: str) -> list[str]:
     """Specs of the models already loaded in this process whose id is ``model_id``."""
     with _guard:
-        return list(dict.fromkeys(spec for (spec, _, _), m in _cache.items() if m.model_id == model_id))
+        return list(dict.fromkeys(spec for (spec, *_), m in _cache.items() if m.model_id == model_id))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
