@@ -301,59 +301,34 @@ class Converter:
             self._encode_batch(model, settings, jobs[start : start + bs])
 
     def _encode_batch(self, model: Any, settings: Any, jobs: list[Job]) -> None:
-        from .pipeline import encode_batch, split_image
+        from ._atomic import atomic_write
+        from .core.container import write_chunks
+        from .pipeline import encode_sources, source_image
 
         loaded = []
         for job in jobs:
             try:
                 with Image.open(job.src) as im:
-                    im.load()
-                    stored, rgb, alpha = split_image(im)
-                    info = {k: im.info[k] for k in ("exif", "icc_profile", "xmp") if im.info.get(k)}
-                    loaded.append((job, im.size, stored, rgb, alpha, info))
+                    loaded.append((job, source_image(im)))
             except Exception as exc:
                 self.fail(job, f"cannot read image: {_describe(exc)}")
         if not loaded:
             return
-        latents: list[Any]
-        try:
-            latents = encode_batch(model, [item[3] for item in loaded], len(loaded), refine=0)  # refined per file below
-        except Exception as exc:
-            latents = [exc] if len(loaded) == 1 else []
-        if not latents:
-            # One image broke the batch (e.g. out of memory at its size): retry one by one.
-            for item in loaded:
-                try:
-                    latents.append(encode_batch(model, [item[3]], 1, refine=0)[0])
-                except Exception as exc:
-                    latents.append(exc)
-        for (job, size, stored, rgb, alpha, info), z in zip(loaded, latents, strict=True):
-            if isinstance(z, BaseException):
-                self.fail(job, z)
+        # The same chunks Image.save writes, the prVw preview included unless --no-preview.
+        results = encode_sources(model, settings, [s for _, s in loaded], batch_size=len(loaded),
+                                 refine=self.args.refine, preview=not self.args.no_preview)  # fmt: skip
+        for (job, _), chunks in zip(loaded, results, strict=True):
+            if isinstance(chunks, Exception):
+                self.fail(job, chunks)
                 continue
             try:
-                self._write_sdl(job, model, settings, z, size, stored, rgb, alpha, info)
+                job.dst.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(job.dst) as f:
+                    write_chunks(f, chunks)
+                    written = f.tell()
+                self.done(job, written)
             except Exception as exc:
                 self.fail(job, exc)
-
-    def _write_sdl(self, job: Job, model: Any, settings: Any, z: Any, size: tuple[int, int], stored: str,
-                   rgb: Any, alpha: Any, info: dict) -> None:  # fmt: skip
-
-        from ._atomic import atomic_write
-        from .core.container import write_chunks
-        from .pipeline import latents_for_file, latents_to_chunks
-
-        z, settings = latents_for_file(model, rgb, z, settings, self.args.refine)  # refine= steps, if any
-        if isinstance(info.get("exif"), Image.Exif):
-            info["exif"] = info["exif"].tobytes()
-        # The same chunks Image.save writes, the prVw preview included unless --no-preview.
-        preview_of = None if self.args.no_preview else rgb
-        chunks = latents_to_chunks(z, model, settings, size, stored, alpha, info=info, preview_of=preview_of)
-        job.dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(job.dst) as f:
-            write_chunks(f, chunks)
-            written = f.tell()
-        self.done(job, written)
 
     # decoding: .sdl -> images
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -292,3 +292,70 @@ def decode_batch(
             for j, i in enumerate(part):
                 out[i] = to_uint8(x[j : j + 1], h, w)
     return out  # type: ignore[return-value]
+
+
+@dataclass
+class SourceImage:
+    """An image read for encoding: its pixels as :func:`split_image` gives them and the metadata kept in the file."""
+
+    size: tuple[int, int]  # (width, height)
+    stored: str  # the mode the file stores (RGB, L, RGBA or LA)
+    rgb: np.ndarray  # (H, W, 3) uint8
+    alpha: np.ndarray | None  # (H, W) uint8, or None
+    info: dict[str, bytes] = field(default_factory=dict)  # exif, icc_profile, xmp
+
+
+def source_image(im: Image.Image) -> SourceImage:
+    """Load ``im`` (decoding it, on the CPU) into what the encoder takes; its exif, ICC profile and XMP kept."""
+    im.load()
+    stored, rgb, alpha = split_image(im)
+    info: dict[str, bytes] = {}
+    for key in ("exif", "icc_profile", "xmp"):
+        value = im.info.get(key)
+        if isinstance(value, Image.Exif):
+            value = value.tobytes()
+        if value:
+            info[key] = value
+    return SourceImage(im.size, stored, rgb, alpha, info)
+
+
+def encode_sources(
+    model: Autoencoder,
+    settings: QuantSettings,
+    sources: list[SourceImage],
+    *,
+    batch_size: int = 1,
+    refine: int | None = None,
+    preview: bool = True,
+) -> list[list[Chunk] | Exception]:
+    """The chunks of the .sdl file of each source, or the exception that image raised (the others go on).
+
+    Equal-size images share forward passes of up to ``batch_size`` images. With ``batch_size=1`` every
+    image has a forward pass of its own, as in ``Image.save``, and the bytes are ``Image.save``'s; batched
+    forward passes round the last float bits differently, which can change the coded latents. A batch
+    that fails (e.g. out of memory at its size) is retried one image at a time.
+    """
+    steps = refine_steps(refine)
+    latents: list[np.ndarray | Exception] = []
+    for start in range(0, len(sources), batch_size):
+        part = sources[start : start + batch_size]
+        try:
+            latents += encode_batch(model, [s.rgb for s in part], batch_size, refine=0)  # refined per file below
+        except Exception:
+            for s in part:
+                try:
+                    latents.append(encode_batch(model, [s.rgb], 1, refine=0)[0])
+                except Exception as exc:
+                    latents.append(exc)
+    out: list[list[Chunk] | Exception] = []
+    for s, z in zip(sources, latents, strict=True):
+        if isinstance(z, Exception):
+            out.append(z)
+            continue
+        try:
+            zf, sf = latents_for_file(model, s.rgb, z, settings, steps)
+            out.append(latents_to_chunks(zf, model, sf, s.size, s.stored, s.alpha, info=dict(s.info),
+                                         preview_of=s.rgb if preview else None))  # fmt: skip
+        except Exception as exc:
+            out.append(exc)
+    return out
