@@ -177,7 +177,7 @@ def encode_image(
 
 def latents_to_chunks(
     latents: np.ndarray,
-    model: Autoencoder,
+    model: Autoencoder | ModelIdentity,
     settings: QuantSettings,
     size: tuple[int, int],
     mode: str = "RGB",
@@ -319,22 +319,29 @@ def source_image(im: Image.Image) -> SourceImage:
     return SourceImage(im.size, stored, rgb, alpha, info)
 
 
-def encode_sources(
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the chunks of a file take from its model (:func:`latents_to_chunks`): where no model is loaded."""
+
+    model_id: str
+    fingerprint: bytes
+    downscale: int
+
+    @classmethod
+    def of(cls, model: Autoencoder) -> ModelIdentity:
+        return cls(model.model_id, model.fingerprint, model.downscale)
+
+
+def source_latents(
     model: Autoencoder,
     settings: QuantSettings,
     sources: list[SourceImage],
     *,
     batch_size: int = 1,
     refine: int | None = None,
-    preview: bool = True,
-) -> list[list[Chunk] | Exception]:
-    """The chunks of the .sdl file of each source, or the exception that image raised (the others go on).
-
-    Equal-size images share forward passes of up to ``batch_size`` images. With ``batch_size=1`` every
-    image has a forward pass of its own, as in ``Image.save``, and the bytes are ``Image.save``'s; batched
-    forward passes round the last float bits differently, which can change the coded latents. A batch
-    that fails (e.g. out of memory at its size) is retried one image at a time.
-    """
+) -> list[tuple[np.ndarray, QuantSettings] | Exception]:
+    """The model's half of :func:`encode_sources`: each source's latents to code and the settings to code
+    them with (refinement pins the quantizer's grid), or the exception that image raised."""
     steps = refine_steps(refine)
     latents: list[np.ndarray | Exception] = []
     for start in range(0, len(sources), batch_size):
@@ -347,15 +354,49 @@ def encode_sources(
                     latents.append(encode_batch(model, [s.rgb], 1, refine=0)[0])
                 except Exception as exc:
                     latents.append(exc)
-    out: list[list[Chunk] | Exception] = []
+    out: list[tuple[np.ndarray, QuantSettings] | Exception] = []
     for s, z in zip(sources, latents, strict=True):
-        if isinstance(z, Exception):
-            out.append(z)
+        try:
+            out.append(z if isinstance(z, Exception) else latents_for_file(model, s.rgb, z, settings, steps))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def code_latents(
+    model: Autoencoder | ModelIdentity, source: SourceImage, latents: np.ndarray, settings: QuantSettings,
+    preview: bool = True,
+) -> list[Chunk]:  # fmt: skip
+    """The model-free half of :func:`encode_sources`: the chunks of the file of ``source`` (CPU only)."""
+    return latents_to_chunks(latents, model, settings, source.size, source.stored, source.alpha,
+                             info=dict(source.info), preview_of=source.rgb if preview else None)  # fmt: skip
+
+
+def encode_sources(
+    model: Autoencoder,
+    settings: QuantSettings,
+    sources: list[SourceImage],
+    *,
+    batch_size: int = 1,
+    refine: int | None = None,
+    preview: bool = True,
+) -> list[list[Chunk] | Exception]:
+    """The chunks of the .sdl file of each source, or the exception that image raised (the others go on):
+    :func:`source_latents` (the model) then :func:`code_latents` (the CPU), which a pipeline may run apart.
+
+    Equal-size images share forward passes of up to ``batch_size`` images. With ``batch_size=1`` every
+    image has a forward pass of its own, as in ``Image.save``, and the bytes are ``Image.save``'s; batched
+    forward passes round the last float bits differently, which can change the coded latents. A batch
+    that fails (e.g. out of memory at its size) is retried one image at a time.
+    """
+    out: list[list[Chunk] | Exception] = []
+    for s, r in zip(sources, source_latents(model, settings, sources, batch_size=batch_size, refine=refine),
+                    strict=True):  # fmt: skip
+        if isinstance(r, Exception):
+            out.append(r)
             continue
         try:
-            zf, sf = latents_for_file(model, s.rgb, z, settings, steps)
-            out.append(latents_to_chunks(zf, model, sf, s.size, s.stored, s.alpha, info=dict(s.info),
-                                         preview_of=s.rgb if preview else None))  # fmt: skip
+            out.append(code_latents(model, s, *r, preview=preview))
         except Exception as exc:
             out.append(exc)
     return out

@@ -1,18 +1,21 @@
 """Dataset conversion on Ray Data: many images to ``.sdl`` on one machine or a cluster (extra ``[ray]``).
 
-Three stages stream into each other, each row carrying its own ``status`` so that a bad image never stops
+Four stages stream into each other, each row carrying its own ``status`` so that a bad image never stops
 the job:
 
 1. **read** (Ray tasks on CPU workers): skip rows whose output already exists and reads back (resume),
    read the file unless the row carries its ``bytes``, decode it with Pillow into RGB pixels, alpha and
    metadata (:func:`pillow_sdlatent.pipeline.source_image`);
-2. **encode** (:class:`SdlEncoder` actors, one model each; ``num_gpus=1`` on GPU clusters): the package's
-   one encode function, :func:`pillow_sdlatent.pipeline.encode_sources`, which ``sdlatent convert`` and
-   ``Image.save`` share, so the bytes are those of ``Image.save`` with the same model, device and options;
-3. **write** (tasks): each ``.sdl`` written atomically, optionally WebDataset tar shards too.
+2. **encode** (:class:`SdlEncoder` actors, one model each; ``num_gpus=1`` on GPU clusters): the latents
+   (:func:`pillow_sdlatent.pipeline.source_latents`, refinement included);
+3. **code** (tasks, CPU): quantization, entropy coding and the preview chunk
+   (:func:`pillow_sdlatent.pipeline.code_latents`), so that a GPU actor never waits for them;
+4. **write** (tasks, :func:`convert`): each ``.sdl`` written atomically, optionally WebDataset tar shards.
 
-:func:`encode_dataset` is stages 1-2 (a Dataset of image bytes or paths in, ``.sdl`` bytes out);
-:func:`convert` runs all three for input files and returns a :class:`Report` (and writes a JSON-lines
+Stages 2 and 3 are the two halves of :func:`pillow_sdlatent.pipeline.encode_sources`, the encode function
+of ``sdlatent convert``: with the same model, device and options the bytes are those of ``Image.save``.
+:func:`encode_dataset` is stages 1-3 (a Dataset of image bytes or paths in, ``.sdl`` bytes out);
+:func:`convert` runs all four for input files and returns a :class:`Report` (and writes a JSON-lines
 table of every row). See docs/dataset.md for a multi-node recipe.
 """
 
@@ -23,6 +26,7 @@ import io
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterable
@@ -135,8 +139,22 @@ def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, 
     return out
 
 
+def _sources(batch: dict[str, np.ndarray], rows: Iterable[int]) -> list[Any]:
+    from .pipeline import SourceImage
+
+    out = []
+    for i in rows:
+        w, h = int(batch["width"][i]), int(batch["height"][i])
+        rgb = np.frombuffer(batch["rgb"][i], np.uint8).reshape(h, w, 3)
+        alpha = np.frombuffer(batch["alpha"][i], np.uint8).reshape(h, w) if len(batch["alpha"][i]) else None
+        info = {k: bytes(batch[k][i]) for k in _META if len(batch[k][i])}
+        out.append(SourceImage((w, h), str(batch["mode"][i]), rgb, alpha, info))
+    return out
+
+
 class SdlEncoder:
-    """Stage 2, a Ray Data actor: one model loaded once, ``.sdl`` bytes for each decoded row.
+    """Stage 2, a Ray Data actor: one model loaded once, the latents (and settings) of each decoded row
+    (:func:`pillow_sdlatent.pipeline.source_latents`); the CPU tasks after it code them.
 
     ``threads``: torch's intra-op threads (CPU actors; default: what Ray gives the actor, at least 1).
     """
@@ -146,6 +164,7 @@ class SdlEncoder:
 
         from .core.settings import settings_for
         from .models import load_model
+        from .pipeline import ModelIdentity
 
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or None
         if threads:
@@ -153,44 +172,67 @@ class SdlEncoder:
         self.options = options
         self.forward_batch = forward_batch
         self.model = load_model(options.model, options.device)
+        self.identity = pickle.dumps(ModelIdentity.of(self.model))
         self.settings = settings_for(options.quality, options.method, self.model.latent_channels, options.dither,
                                      options.palette_size)  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .core.container import write_chunks
-        from .pipeline import SourceImage, encode_sources
+        from .pipeline import source_latents
 
         n = len(batch["path"])
         status, error = list(batch["status"]), list(batch["error"])
         seconds = np.array(batch["seconds"], np.float64)
-        sdl: list[bytes] = [b""] * n
-        todo, sources = [], []
-        for i in range(n):
-            if status[i] != OK:
-                continue
-            w, h = int(batch["width"][i]), int(batch["height"][i])
-            rgb = np.frombuffer(batch["rgb"][i], np.uint8).reshape(h, w, 3)
-            alpha = np.frombuffer(batch["alpha"][i], np.uint8).reshape(h, w) if len(batch["alpha"][i]) else None
-            info = {k: bytes(batch[k][i]) for k in _META if len(batch[k][i])}
-            sources.append(SourceImage((w, h), str(batch["mode"][i]), rgb, alpha, info))
-            todo.append(i)
+        todo = [i for i in range(n) if status[i] == OK]
+        latents: list[bytes] = [b""] * n
+        shapes = np.zeros((n, 3), np.int64)
+        settings: list[bytes] = [b""] * n
         t0 = time.perf_counter()
-        results = encode_sources(self.model, self.settings, sources, batch_size=self.forward_batch,
-                                 refine=self.options.refine, preview=self.options.preview)  # fmt: skip
+        results = source_latents(self.model, self.settings, _sources(batch, todo), batch_size=self.forward_batch,
+                                 refine=self.options.refine)  # fmt: skip
         share = (time.perf_counter() - t0) / max(len(todo), 1)
-        for i, chunks in zip(todo, results, strict=True):
+        for i, r in zip(todo, results, strict=True):
             seconds[i] += share
-            if isinstance(chunks, Exception):
-                status[i], error[i] = ERROR, f"cannot encode: {_describe(chunks)}"
+            if isinstance(r, Exception):
+                status[i], error[i] = ERROR, f"cannot encode: {_describe(r)}"
                 continue
-            buf = io.BytesIO()
-            write_chunks(buf, chunks)
-            sdl[i] = buf.getvalue()
-        drop = {"rgb", "alpha", "width", "height", "mode", *_META}
-        out = {k: v for k, v in batch.items() if k not in drop}
-        out.update(status=_objects(status), error=_objects(error), sdl=_objects(sdl),
-                   bytes=np.array([len(b) for b in sdl], np.int64), seconds=seconds)  # fmt: skip
+            z, s = r
+            latents[i], shapes[i], settings[i] = np.ascontiguousarray(z, np.float32).tobytes(), z.shape, pickle.dumps(s)
+        out = dict(batch)
+        out.update(status=_objects(status), error=_objects(error), seconds=seconds, latents=_objects(latents),
+                   latent_c=shapes[:, 0], latent_h=shapes[:, 1], latent_w=shapes[:, 2], settings=_objects(settings),
+                   model_identity=_objects([self.identity] * n))  # fmt: skip
         return out
+
+
+def _code_batch(batch: dict[str, np.ndarray], preview: bool) -> dict[str, np.ndarray]:
+    """Stage 3 (CPU tasks): each row's latents quantized and coded into the .sdl file's bytes."""
+    from .core.container import write_chunks
+    from .pipeline import code_latents
+
+    n = len(batch["path"])
+    status, error = list(batch["status"]), list(batch["error"])
+    seconds = np.array(batch["seconds"], np.float64)
+    sdl: list[bytes] = [b""] * n
+    todo = [i for i in range(n) if status[i] == OK]
+    for i, source in zip(todo, _sources(batch, todo), strict=True):
+        t0 = time.perf_counter()
+        try:
+            shape = (int(batch["latent_c"][i]), int(batch["latent_h"][i]), int(batch["latent_w"][i]))
+            z = np.frombuffer(batch["latents"][i], np.float32).reshape(shape)
+            # Pickles made by SdlEncoder of this same job, never read from a file.
+            model, settings = pickle.loads(batch["model_identity"][i]), pickle.loads(batch["settings"][i])
+            buf = io.BytesIO()
+            write_chunks(buf, code_latents(model, source, z, settings, preview))
+            sdl[i] = buf.getvalue()
+        except Exception as exc:
+            status[i], error[i] = ERROR, f"cannot encode: {_describe(exc)}"
+        seconds[i] += time.perf_counter() - t0
+    drop = {"rgb", "alpha", "width", "height", "mode", *_META, "latents", "latent_c", "latent_h", "latent_w",
+            "settings", "model_identity"}  # fmt: skip
+    out = {k: v for k, v in batch.items() if k not in drop}
+    out.update(status=_objects(status), error=_objects(error), sdl=_objects(sdl),
+               bytes=np.array([len(b) for b in sdl], np.int64), seconds=seconds)  # fmt: skip
+    return out
 
 
 def encode_dataset(
@@ -216,18 +258,19 @@ def encode_dataset(
 
     ``concurrency`` encoder actors, each holding one model and taking ``batch_size`` rows a call, with
     ``num_gpus`` GPUs (1 on a GPU cluster; 0: CPU actors) and ``num_cpus`` CPUs (torch threads of a CPU
-    actor); images are decoded by Ray tasks of ``read_cpus`` CPUs. ``forward_batch`` equal-size images
-    share a forward pass: 1 (the default) gives ``Image.save``'s bytes exactly; more is faster on GPUs,
-    but batched passes round the last float bits differently, so the files differ from ``Image.save``'s
-    (they are as valid and as good). An actor that dies (a node lost, the OOM killer) is replaced and its
-    batches retried: Ray Data's default for actor pools (``max_restarts=-1``, ``max_task_retries=-1``).
+    actor); images are decoded, and latents coded, by Ray tasks of ``read_cpus`` CPUs. ``forward_batch``
+    equal-size images share a forward pass: 1 (the default) gives ``Image.save``'s bytes exactly; more is
+    faster on GPUs, but batched passes round the last float bits differently, so the files differ from
+    ``Image.save``'s (they are as valid and as good). An actor that dies (a node lost, the OOM killer) is
+    replaced and its batches retried: Ray Data's default for actor pools (``max_restarts=-1``,
+    ``max_task_retries=-1``).
     """
     if concurrency < 1 or batch_size < 1 or forward_batch < 1:
         raise ValueError("concurrency, batch_size and forward_batch must be at least 1")
     options = (options or EncodeOptions()).resolved()
     read = ds.map_batches(_read_batch, fn_kwargs={"skip_existing": skip_existing}, batch_format="numpy",
                           batch_size=batch_size, num_cpus=read_cpus)  # fmt: skip
-    return read.map_batches(
+    encoded = read.map_batches(
         SdlEncoder,
         fn_constructor_kwargs={"options": options, "forward_batch": forward_batch,
                                "threads": max(1, int(num_cpus)) if not num_gpus else None},
@@ -237,6 +280,8 @@ def encode_dataset(
         num_gpus=num_gpus or None,
         num_cpus=num_cpus,
     )  # fmt: skip
+    return encoded.map_batches(_code_batch, fn_kwargs={"preview": options.preview}, batch_format="numpy",
+                               batch_size=batch_size, num_cpus=read_cpus)  # fmt: skip
 
 
 def shard_key(name: str) -> str:
@@ -336,7 +381,9 @@ def convert(
     batch_size = encode_args.get("batch_size", 8)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = -1  # rows carry their errors; a block lost past its retries is reported below
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / batch_size), 1000)))
+    # Blocks of about a batch, at least two per actor (each actor busy), at most 1000 (the driver's bookkeeping).
+    blocks = max(min(math.ceil(len(rows) / batch_size), 1000), min(len(rows), 2 * encode_args.get("concurrency", 1)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     encoded = encode_dataset(ds, options, skip_existing=not overwrite, **encode_args)
     written = encoded.map_batches(_write_batch, fn_kwargs={"shards": str(shards) if shards else None},
                                   batch_format="numpy", batch_size=batch_size,
@@ -375,6 +422,20 @@ def _count(out: Report, row: dict[str, Any]) -> None:
         out.failures.append((row["path"], row["error"]))
 
 
+def actor_resources(actors: int | None = None) -> dict[str, Any]:
+    """``concurrency``, ``num_gpus`` and ``num_cpus`` of :func:`encode_dataset` for the connected cluster.
+
+    With GPUs: ``actors`` (default: one per GPU) of one GPU each. Without: ``actors`` (default 1) CPU actors
+    sharing the cluster's CPUs but one, which is left to the reading and writing tasks.
+    """
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    actors = actors or max(gpus, 1)
+    if gpus:
+        return {"concurrency": actors, "num_gpus": 1, "num_cpus": 1.0}
+    return {"concurrency": actors, "num_gpus": 0, "num_cpus": max(0.25, (cpus - 1) / actors)}
+
+
 def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> int:
     """``sdlatent convert --ray [ADDRESS]``: the jobs and errors of :func:`pillow_sdlatent.cli.collect_jobs`."""
     from . import cli
@@ -397,14 +458,8 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
         ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO")
     try:
         ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-        actors = args.actors or max(gpus, 1)
-        # GPU actors: one GPU each. CPU actors: the CPUs but one (left to the reading and writing tasks).
-        num_cpus = 1.0 if gpus else max(0.25, (cpus - 1) / actors)
         result = convert(todo, options, report=args.report, overwrite=args.overwrite, output_root=args.output,
-                         concurrency=actors, batch_size=args.batch_size, num_gpus=1 if gpus else 0,
-                         num_cpus=num_cpus)  # fmt: skip
+                         batch_size=args.batch_size, **actor_resources(args.actors))  # fmt: skip
     except Exception as exc:
         print(f"sdlatent convert --ray: error: {_describe(exc)}", file=sys.stderr)
         return cli.EXIT_FAILED
@@ -428,5 +483,5 @@ class _NullFile(io.StringIO):
         return len(s)
 
 
-__all__ = ["REPORT_COLUMNS", "EncodeOptions", "Report", "SdlEncoder", "cli_convert", "convert", "encode_dataset",
-           "reads_back", "shard_key"]  # fmt: skip
+__all__ = ["REPORT_COLUMNS", "EncodeOptions", "Report", "SdlEncoder", "actor_resources", "cli_convert", "convert",
+           "encode_dataset", "reads_back", "shard_key"]  # fmt: skip

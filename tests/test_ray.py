@@ -153,3 +153,26 @@ def test_cli_on_an_existing_cluster(cluster: str, tmp_path: Path, images: Path, 
     _single_process(images, ref, taesd_dir)
     for p in ref.rglob("*.sdl"):
         assert (out / p.relative_to(ref)).read_bytes() == p.read_bytes(), p
+
+
+def test_documented_parquet_recipe(cluster: str, tmp_path: Path, images: Path, taesd_dir: Path) -> None:
+    """examples/ray_dataset.py (the recipe of docs/dataset.md) on a Parquet table of image bytes."""
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["a.png", "broken.png", "sub/b.jpg"]
+    table = pa.table({"key": names, "jpg": [(images / n).read_bytes() for n in names], "caption": ["x"] * 3})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    spec = importlib.util.spec_from_file_location("ray_dataset", ROOT / "examples" / "ray_dataset.py")
+    assert spec and spec.loader
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path / "sdl"
+    code = recipe.main(["parquet", str(tmp_path / "part-0.parquet"), str(out), "--model", str(taesd_dir),
+                        "--batch-size", "2"])  # fmt: skip
+    assert code == 1  # broken.png failed
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert {k: r["status"] for k, r in rows.items()} == {"a.png": "ok", "broken.png": "error", "sub/b.jpg": "ok"}
+    assert rows["sub/b.jpg"]["sdl"] == _sdl_bytes(images / "sub" / "b.jpg", taesd_dir)
