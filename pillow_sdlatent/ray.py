@@ -103,6 +103,7 @@ def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, 
     """Stage 1: resume check and image decoding, one row at a time; a failure is the row's status."""
     from PIL import Image
 
+    from .core.container import SIGNATURE
     from .pipeline import source_image
 
     paths = batch["path"]
@@ -123,6 +124,8 @@ def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, 
                     data = Path(path).read_bytes()
                 source = io.BytesIO(bytes(data))
                 row["input_bytes"] = len(source.getbuffer())
+                if source.getbuffer()[:8] == SIGNATURE:  # never a model decode in a read task
+                    raise ValueError("is already .sdl (to re-encode, decode it to PNG first)")
                 with Image.open(source) as im:
                     s = source_image(im)
                 row.update(width=s.size[0], height=s.size[1], mode=s.stored, rgb=s.rgb.tobytes(),

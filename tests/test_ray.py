@@ -124,11 +124,13 @@ def test_convert_matches_single_process(cluster: str, tmp_path: Path, images: Pa
 def test_encode_dataset_of_bytes(cluster: str, images: Path, taesd_dir: Path) -> None:
     rows = [{"path": name, "bytes": (images / name).read_bytes()} for name in ("a.png", "broken.png", "sub/b.jpg")]
     rows.append({"path": "empty", "bytes": b""})
+    rows.append({"path": "done.sdl", "bytes": (images.parent / "out" / "done.sdl").read_bytes()})
     ds = sdl_ray.encode_dataset(ray.data.from_items(rows), sdl_ray.EncodeOptions(model=str(taesd_dir), device="cpu"),
                                 batch_size=2, read_cpus=0.5, forward_batch=1)  # fmt: skip
     got = {r["path"]: r for r in ds.take_all()}
     assert {k: r["status"] for k, r in got.items()} == {"a.png": "ok", "broken.png": "error", "sub/b.jpg": "ok",
-                                                        "empty": "error"}  # fmt: skip
+                                                        "empty": "error", "done.sdl": "error"}  # fmt: skip
+    assert "is already .sdl" in got["done.sdl"]["error"]
     assert got["a.png"]["sdl"] == _sdl_bytes(images / "a.png", taesd_dir)
     assert got["sub/b.jpg"]["sdl"] == _sdl_bytes(images / "sub" / "b.jpg", taesd_dir)
     assert got["sub/b.jpg"]["bytes"] == len(got["sub/b.jpg"]["sdl"]) and got["sub/b.jpg"]["seconds"] > 0
