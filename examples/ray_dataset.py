@@ -17,9 +17,9 @@ import argparse
 import json
 import sys
 
+import pyarrow.dataset
 import ray
 import ray.data
-from ray.data.expressions import col
 
 from pillow_sdlatent import cli
 from pillow_sdlatent import ray as sdl_ray
@@ -63,12 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ds = ray.data.read_parquet(args.src).select_columns([args.key_column, args.bytes_column])
     ds = ds.rename_columns({args.key_column: "path", args.bytes_column: "bytes"})
     sdl_ray.encode_dataset(ds, options, **sizing).write_parquet(args.out)
-    table = ray.data.read_parquet(args.out).select_columns(["path", "status", "error"])
-    failed = 0
-    for row in table.filter(expr=col("status") == sdl_ray.ERROR).iter_rows():
+    table = pyarrow.dataset.dataset(args.out, format="parquet")  # local paths and s3://, gs:// URIs alike
+    failed = table.to_table(columns=["path", "error"], filter=pyarrow.dataset.field("status") == sdl_ray.ERROR)
+    for row in failed.to_pylist():
         print(json.dumps(row))
-        failed += 1
-    return 1 if failed else 0
+    return 1 if failed.num_rows else 0
 
 
 if __name__ == "__main__":
