@@ -10,7 +10,9 @@ images/s = images / that time. The Ray rows run on a local cluster of all this m
 started once beforehand (its start-up is reported on its own), with the actor sizes ``sdlatent convert
 --ray`` uses (:func:`pillow_sdlatent.ray.actor_resources`). The single-process converter runs with one
 forward pass per image (``-b 1``), as the Ray actors do, and every Ray output is checked byte for byte
-against its file. ``--repeat`` runs each configuration that many times and keeps the fastest.
+against its file; one more Ray row shares forward passes (``--forward-batch``), whose files need not be
+identical. ``--repeat`` runs each configuration that many times and keeps the fastest. Last, the cost
+of each stage per image, in this process: what sizes the CPUs of a cluster (docs/dataset.md).
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ def single_process(files: list[Path], out: Path, args: argparse.Namespace) -> fl
     return seconds
 
 
-def on_ray(files: list[Path], out: Path, actors: int, args: argparse.Namespace) -> float:
+def on_ray(files: list[Path], out: Path, actors: int, args: argparse.Namespace, forward_batch: int = 1) -> float:
     from pillow_sdlatent import ray as sdl_ray
 
     jobs = [(f, out / f.with_suffix(".sdl").name) for f in files]
     options = sdl_ray.EncodeOptions(model=args.model, device=args.device)
     t0 = time.perf_counter()
-    result = sdl_ray.convert(jobs, options, overwrite=True, batch_size=args.batch_size,
+    result = sdl_ray.convert(jobs, options, overwrite=True, batch_size=args.batch_size, forward_batch=forward_batch,
                              **sdl_ray.actor_resources(actors))  # fmt: skip
     seconds = time.perf_counter() - t0
     if not result.ok or result.converted != len(files):
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="Ray actor counts (1 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per actor call (4)")
+    parser.add_argument("--forward-batch", type=int, default=4,
+                        help="also one actor with this many images per forward pass (4; 0: not)")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -121,13 +125,15 @@ def main() -> None:
         try:
             from pillow_sdlatent import ray as sdl_ray
 
-            for n in args.actors:
+            runs = [(n, 1) for n in args.actors] + ([(1, args.forward_batch)] if args.forward_batch > 1 else [])
+            for n, fb in runs:
                 res = sdl_ray.actor_resources(n)
-                out = work / f"ray{n}"
-                best = min(on_ray(files, out, n, args) for _ in range(args.repeat))
+                out = work / f"ray{n}-{fb}"
+                best = min(on_ray(files, out, n, args, fb) for _ in range(args.repeat))
                 same = sum((out / f.name).read_bytes() == f.read_bytes() for f in sorted(ref.glob("*.sdl")))
                 kind = f"{res['num_gpus']} GPU" if res["num_gpus"] else f"{res['num_cpus']:g} CPU"
-                rows.append({"config": f"Ray, {n} actor{'s' * (n > 1)} ({kind} each)", "seconds": best,
+                batched = f", {fb} images a forward pass" if fb > 1 else ""
+                rows.append({"config": f"Ray, {n} actor{'s' * (n > 1)} ({kind} each{batched})", "seconds": best,
                              "identical": f"{same}/{len(files)}"})  # fmt: skip
         finally:
             ray.shutdown()
