@@ -5,13 +5,13 @@
 
 The autoencoder encodes each image once; every setting then only re-quantizes,
 codes and decodes. "float" is the model's own round trip without quantization.
-Files are produced by the same code path as ``Image.save`` (same chunks, same bytes).
+Files are produced by the encode path ``Image.save`` takes (pipeline.encode_chunks), without the
+``prVw`` preview chunk (as ``Image.save(..., preview=False)`` writes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import time
 from pathlib import Path
@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 from pillow_sdlatent.core.codec import decode_bytes
-from pillow_sdlatent.core.container import write_chunks
 from pillow_sdlatent.core.settings import settings_for
 from pillow_sdlatent.models import load_model
-from pillow_sdlatent.pipeline import decode_rgb, latents_to_chunks, split_image, to_tensor, to_uint8
+from pillow_sdlatent.pipeline import decode_rgb, encode_chunks, file_bytes, split_image, to_tensor, to_uint8
 
 KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"
 
@@ -59,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for q in args.quality if method in ("auto", "scalar") else [75]:
                 settings = settings_for(q, method, model.latent_channels)
-                buf = io.BytesIO()
-                write_chunks(buf, latents_to_chunks(z[0].numpy(), model, settings, im.size))
-                data = buf.getvalue()
+                data = file_bytes(encode_chunks(z[0].numpy(), model, size=im.size, settings=settings))
                 t = time.perf_counter()
                 out = decode_rgb(decode_bytes(data), model)
                 dt = time.perf_counter() - t

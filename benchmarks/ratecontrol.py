@@ -41,7 +41,7 @@ def main() -> None:
     from pillow_sdlatent.core import ratecontrol
     from pillow_sdlatent.core.settings import settings_for
     from pillow_sdlatent.models import load_model
-    from pillow_sdlatent.pipeline import encode_latents, latents_to_chunks, split_image
+    from pillow_sdlatent.pipeline import encode_chunks, encode_latents, split_image
 
     model = load_model(args.model, "cpu")
     paths = sorted(Path(args.kodak).glob("kodim*.png"))
@@ -65,7 +65,7 @@ def main() -> None:
 
             def build(s, stored=stored, rgb=rgb, alpha=alpha, z=z, count=count):
                 count[0] += 1
-                return latents_to_chunks(z, model, s, rgb.shape[1::-1], stored, alpha, preview_of=rgb)
+                return encode_chunks(z, model, size=rgb.shape[1::-1], mode=stored, alpha=alpha, rgb=rgb, settings=s)
 
             def settings(q):
                 return settings_for(q, args.method, model.latent_channels)

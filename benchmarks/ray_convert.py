@@ -71,22 +71,20 @@ def stage_costs(files: list[Path], args: argparse.Namespace) -> dict[str, float]
     """Mean milliseconds per image of each stage, in this process: what sizes the CPU side of a cluster."""
     from PIL import Image
 
-    from pillow_sdlatent.core.settings import settings_for
     from pillow_sdlatent.models import load_model
-    from pillow_sdlatent.pipeline import code_latents, source_image, source_latents
+    from pillow_sdlatent.pipeline import encode_batch, encode_chunks, split_image
 
     model = load_model(args.model, args.device)
-    settings = settings_for(None, "auto", model.latent_channels)
     totals = {"read + decode (CPU)": 0.0, "latents (the model)": 0.0, "quantize + code + preview (CPU)": 0.0}
     for f in files:
         t0 = time.perf_counter()
         with Image.open(f) as im:
-            src = source_image(im)
+            im.load()
+            stored, rgb, alpha = split_image(im)
         t1 = time.perf_counter()
-        result = source_latents(model, settings, [src])[0]
-        assert not isinstance(result, Exception), result
+        (z,) = encode_batch(model, [rgb], 1, refine=0)
         t2 = time.perf_counter()
-        code_latents(model, src, *result)
+        encode_chunks(z, model, size=(rgb.shape[1], rgb.shape[0]), mode=stored, alpha=alpha, rgb=rgb)
         t3 = time.perf_counter()
         for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             totals[key] += dt

@@ -1,4 +1,4 @@
-"""Rate-distortion benchmark: .sdl against the original SD method, JPEG, WebP, AVIF and JPEG XL (issue 4).
+"""Rate-distortion benchmark: .sdl against the original SD method, JPEG, WebP, AVIF and JPEG XL.
 
     python benchmarks/rd.py [--model SPEC ...] [--images DIR|FILE ...] [--quality Q ...] [--out bench-out]
                             [--docs docs/benchmarks.md] [--quick] [--crop N] [--limit N] [--jobs N]
@@ -367,17 +367,15 @@ class _Image:
         return int(n)
 
 
-def sdl_file(z: np.ndarray, ref: np.ndarray, settings: Any) -> tuple[bytes, Any]:
-    """(file bytes, chunks) of the .sdl file Image.save writes for these latents."""
-    from pillow_sdlatent.core.container import write_chunks
-    from pillow_sdlatent.pipeline import latents_to_chunks
+def sdl_file(z: np.ndarray, ref: np.ndarray, settings: Any = None, **options: Any) -> tuple[bytes, Any]:
+    """(file bytes, chunks) of the .sdl file Image.save writes for the encoder's latents ``z`` of ``ref``
+    (the package's encode path, pipeline.encode_chunks, with these save ``options`` or ``settings``)."""
+    from pillow_sdlatent.pipeline import encode_chunks, file_bytes
 
     model, opts = _W["model"], _W["opts"]
     size = (ref.shape[1], ref.shape[0])
-    chunks = latents_to_chunks(z, model, settings, size, preview_of=ref if opts.preview else None)
-    buf = io.BytesIO()
-    write_chunks(buf, chunks)
-    return buf.getvalue(), chunks
+    chunks = encode_chunks(z, model, size=size, rgb=ref, settings=settings, preview=opts.preview, **options)
+    return file_bytes(chunks), chunks
 
 
 def process_image(path: Path) -> ImageResult:
@@ -420,11 +418,8 @@ def process_image(path: Path) -> ImageResult:
     add("ceiling", "float", "float", "", None, img.measured(f"float|{img.key}|{mk}", lambda: (0, img.float_rgb, {})))
 
     def sdl(q: int) -> tuple[int, np.ndarray, dict[str, Any]]:
-        from pillow_sdlatent.pipeline import latents_for_file
-
-        # as Image.save(..., refine=N) does: refined through the quantizer of this quality
-        z, settings = latents_for_file(model, ref, img.z, settings_for(q, "auto", model.latent_channels), opts.refine)
-        data, chunks = sdl_file(z, ref, settings)
+        # as Image.save(..., quality=q, refine=N) writes it: refined through the quantizer of this quality
+        data, chunks = sdl_file(img.z, ref, quality=q, refine=opts.refine)
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")

@@ -1,6 +1,7 @@
 """Latent refinement variants side by side: none, against the float decode, through the quantizer.
 
-For each image and quality: bits per pixel of the .sdl file (as Image.save writes it) and PSNR of its decode, for
+For each image and quality: bits per pixel of the .sdl file (as Image.save(..., preview=False) writes it) and
+PSNR of its decode, for
 
 - ``none``: the encoder's latents;
 - ``float``: refined against the float decode (``encode_latents(refine=N)``), then quantized;
@@ -27,7 +28,6 @@ imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import sys
 import time
@@ -97,19 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     import pillow_sdlatent  # noqa: F401  (registers the plugin)
     from pillow_sdlatent.core import context_coder
     from pillow_sdlatent.core.codec import decode_bytes
-    from pillow_sdlatent.core.container import write_chunks
     from pillow_sdlatent.core.settings import settings_for
     from pillow_sdlatent.models import load_model
     from pillow_sdlatent.models import refine as refine_module
-    from pillow_sdlatent.pipeline import decode_rgb, encode_latents, latents_for_file, latents_to_chunks, to_tensor
+    from pillow_sdlatent.pipeline import (
+        decode_rgb,
+        encode_chunks,
+        encode_latents,
+        file_bytes,
+        latents_for_file,
+        to_tensor,
+    )
 
     model = load_model(args.model, "cpu")
     images = args.images or [SHARED / "data" / "kodak" / f"kodim{i:02d}.png" for i in (1, 5, 9, 13, 17, 21)]
 
     def file_of(z: np.ndarray, settings, size) -> tuple[int, np.ndarray]:
-        buf = io.BytesIO()
-        write_chunks(buf, latents_to_chunks(z, model, settings, size))
-        data = buf.getvalue()
+        data = file_bytes(encode_chunks(z, model, size=size, settings=settings))  # no prVw: preview=False
         return len(data), decode_rgb(decode_bytes(data), model)
 
     metrics = None

@@ -1,8 +1,9 @@
 """pillow-sdlatent: images stored as compressed autoencoder latents, as a Pillow plugin.
 
 ``import pillow_sdlatent`` registers the ``SDL`` format (``.sdl``) with Pillow.
-This import is cheap: torch and diffusers load only when an image is encoded
-or decoded.
+This import is cheap (Pillow and the standard library): numpy, zstandard and the
+range coder load when the first file is opened, torch and diffusers when an
+image is encoded or fully decoded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import IO, Any
 from PIL import Image
 
 from . import options
-from .core.container import FormatError
+from .errors import (
+    FormatError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    NonFiniteOutputError,
+    TruncatedError,
+    UNetNotFoundError,
+)
 from .plugin import SdlImageFile, register_sdlatent_opener
 
 __version__ = "0.1.0"
@@ -66,7 +74,21 @@ def save(im: Image.Image, fp: str | os.PathLike | IO[bytes], **options: Any) -> 
 
 register_sdlatent_opener()
 
-__all__ = ["FormatError", "SdlImageFile", "open", "options", "register_sdlatent_opener", "save"]
+__all__ = [
+    "BudgetError",
+    "FormatError",
+    "ModelMismatchError",
+    "ModelNotFoundError",
+    "NonFiniteOutputError",
+    "PreviewError",
+    "SdlImageFile",
+    "TruncatedError",
+    "UNetNotFoundError",
+    "open",
+    "options",
+    "register_sdlatent_opener",
+    "save",
+]
 
 
 #: Names served by torch-backed modules, imported on first access (``import pillow_sdlatent`` stays torch-free).
@@ -78,6 +100,8 @@ _LAZY = {
     "decode_latents": "latents",
     "latent_loader": "latents",
     "image_loader": "latents",
+    "PreviewError": "errors",  # defined by the model-free core, served by errors.py
+    "BudgetError": "errors",
 }
 
 

@@ -233,10 +233,12 @@ def collect_jobs(sources: list[str], out: str | None, to: str | None) -> tuple[l
     )
     if single_file_out:
         to = _normalize_to(out_path.suffix)  # type: ignore[union-attr]
+    elif out_path is not None and out_path.is_file():
+        raise ValueError(f"-o {out} is an existing file; with more than one input, -o names a folder")
 
     jobs: list[Job] = []
     inputs = {f.resolve() for f, _ in items}
-    taken: dict[Path, Path] = {}
+    planned: dict[Path, list[Path]] = {}
     for f, root in items:
         suffix = _output_suffix(f, to)
         if single_file_out:
@@ -252,12 +254,15 @@ def collect_jobs(sources: list[str], out: str | None, to: str | None) -> tuple[l
             errors.append((str(f), f"neither input nor output ({suffix}) is .sdl"))
         elif dst.resolve() in inputs:
             errors.append((str(f), f"output {dst} would overwrite an input; choose another -o folder"))
-        elif dst.resolve() in taken:
-            errors.append((str(f), f"output {dst} is also the output of {taken[dst.resolve()]}"))
         else:
-            taken[dst.resolve()] = f
+            planned.setdefault(dst.resolve(), []).append(f)
             jobs.append(Job(f, dst))
-    return jobs, errors
+    clashes = {dst: srcs for dst, srcs in planned.items() if len(srcs) > 1}
+    for dst, srcs in clashes.items():  # none of them is converted: which one was meant is not ours to guess
+        for f in srcs:
+            others = ", ".join(str(o) for o in srcs if o != f)
+            errors.append((str(f), f"output {dst} is also the output of {others}; convert them separately"))
+    return [j for j in jobs if j.dst.resolve() not in clashes], errors
 
 
 class Converter:
@@ -286,49 +291,74 @@ class Converter:
     # encoding: images -> .sdl
 
     def encode(self, jobs: list[Job]) -> None:
-        from .core.settings import settings_for
         from .models import load_model
+        from .pipeline import settings_chooser
 
         try:
             model = load_model(self.args.model, self.args.device)
-            settings = settings_for(self.args.quality, self.args.method, model.latent_channels)
+            settings_chooser(model.latent_channels, self.args.quality, self.args.method)  # bad options: fail now
         except Exception as exc:
             for job in jobs:
                 self.fail(job, f"cannot load the encoder: {_describe(exc)}")
             return
         bs = self.args.batch_size
         for start in range(0, len(jobs), bs):
-            self._encode_batch(model, settings, jobs[start : start + bs])
+            self._encode_batch(model, jobs[start : start + bs])
 
-    def _encode_batch(self, model: Any, settings: Any, jobs: list[Job]) -> None:
-        from ._atomic import atomic_write
-        from .core.container import write_chunks
-        from .pipeline import encode_sources, source_image
+    def _encode_batch(self, model: Any, jobs: list[Job]) -> None:
+        from .pipeline import encode_batch, split_image
 
         loaded = []
         for job in jobs:
             try:
                 with Image.open(job.src) as im:
-                    loaded.append((job, source_image(im)))
+                    im.load()
+                    stored, rgb, alpha = split_image(im)
+                    info = {k: im.info[k] for k in ("exif", "icc_profile", "xmp") if im.info.get(k)}
+                    loaded.append((job, im.size, stored, rgb, alpha, info))
             except Exception as exc:
                 self.fail(job, f"cannot read image: {_describe(exc)}")
         if not loaded:
             return
-        # The same chunks Image.save writes, the prVw preview included unless --no-preview.
-        results = encode_sources(model, settings, [s for _, s in loaded], batch_size=len(loaded),
-                                 refine=self.args.refine, preview=not self.args.no_preview)  # fmt: skip
-        for (job, _), chunks in zip(loaded, results, strict=True):
-            if isinstance(chunks, Exception):
-                self.fail(job, chunks)
+        latents: list[Any]
+        try:
+            latents = encode_batch(model, [item[3] for item in loaded], len(loaded), refine=0)  # refined per file below
+        except Exception as exc:
+            latents = [exc] if len(loaded) == 1 else []
+        if not latents:
+            # One image broke the batch (e.g. out of memory at its size): retry one by one.
+            for item in loaded:
+                try:
+                    latents.append(encode_batch(model, [item[3]], 1, refine=0)[0])
+                except Exception as exc:
+                    latents.append(exc)
+        for (job, size, stored, rgb, alpha, info), z in zip(loaded, latents, strict=True):
+            if isinstance(z, BaseException):
+                self.fail(job, z)
                 continue
             try:
-                job.dst.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(job.dst) as f:
-                    write_chunks(f, chunks)
-                    written = f.tell()
-                self.done(job, written)
+                self._write_sdl(job, model, z, size, stored, rgb, alpha, info)
             except Exception as exc:
                 self.fail(job, exc)
+
+    def _write_sdl(self, job: Job, model: Any, z: Any, size: tuple[int, int], stored: str, rgb: Any, alpha: Any,
+                   info: dict) -> None:  # fmt: skip
+        from ._atomic import atomic_write
+        from .core.container import write_chunks
+        from .pipeline import encode_chunks
+
+        if isinstance(info.get("exif"), Image.Exif):
+            info["exif"] = info["exif"].tobytes()
+        # The encode path Image.save takes after the encoder (refinement, codec, the prVw preview unless --no-preview).
+        chunks = encode_chunks(
+            z, model, size=size, mode=stored, alpha=alpha, rgb=rgb, quality=self.args.quality,
+            method=self.args.method, refine=self.args.refine, preview=not self.args.no_preview, info=info,
+        )  # fmt: skip
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(job.dst) as f:
+            write_chunks(f, chunks)
+            written = f.tell()
+        self.done(job, written)
 
     # decoding: .sdl -> images
 
@@ -392,15 +422,19 @@ def _human(n: float) -> str:
 
 
 def summary(stats: Stats, seconds: float) -> str:
-    rate = stats.converted / seconds if seconds > 0 else 0.0
     parts = [
         f"{stats.converted} converted, {stats.skipped} skipped"
         + (" (outputs exist; --overwrite replaces them)" if stats.skipped else "")
-        + f", {len(stats.failures)} failed in {seconds:.1f} s ({rate:.2f} images/s)"
+        + f", {len(stats.failures)} failed"
+        + (f" in {seconds:.1f} s ({stats.converted / seconds:.2f} images/s)" if stats.converted and seconds > 0 else "")
     ]
-    if stats.converted:
-        ratio = stats.bytes_in / stats.bytes_out if stats.bytes_out else float("inf")
-        parts.append(f"{_human(stats.bytes_in)} in, {_human(stats.bytes_out)} out (ratio {ratio:.2f}:1)")
+    if stats.converted and stats.bytes_in and stats.bytes_out:
+        size = f"{_human(stats.bytes_in)} in, {_human(stats.bytes_out)} out"
+        if stats.bytes_out <= stats.bytes_in:
+            size += f" ({stats.bytes_in / stats.bytes_out:.1f}:1 smaller)"
+        else:
+            size += f" ({stats.bytes_out / stats.bytes_in:.1f}x larger)"
+        parts.append(size)
     return "sdlatent: " + "; ".join(parts)
 
 
@@ -443,16 +477,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 conv.decode(dec)
         except KeyboardInterrupt:
             bar.close()
-            print(summary(stats, time.perf_counter() - start), file=sys.stderr)
+            print(summary(stats, time.perf_counter() - start))
             print("sdlatent: interrupted; outputs not yet written were left untouched", file=sys.stderr)
             return EXIT_INTERRUPTED
-    print(summary(stats, time.perf_counter() - start))
-    if stats.failures:
-        print(f"failed ({len(stats.failures)}):", file=sys.stderr)
-        for name, msg in stats.failures:
-            print(f"  {name}: {msg}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    print(summary(stats, time.perf_counter() - start))  # each failure was printed once, as it happened
+    return EXIT_FAILED if stats.failures else 0
 
 
 # ---------------------------------------------------------------- bench
@@ -552,7 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "refine", None) is not None and args.refine < 0:
         parser.error("--refine must be a number of steps >= 0")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+        return status
     except KeyboardInterrupt:
         print("sdlatent: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader left (``sdlatent info *.sdl | head -1``): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return EXIT_FAILED

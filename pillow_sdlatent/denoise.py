@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import options
+from .errors import UNetNotFoundError
 from .models.device import pick_device, pick_dtype
 
 DEFAULT_UNET = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -43,10 +44,6 @@ EMBEDDING_KEY = "empty_prompt_embedding"
 
 #: Scheduler steps over the whole schedule; ``strength`` picks how many of the last ones run.
 DEFAULT_STEPS = 50
-
-
-class UNetNotFoundError(FileNotFoundError):
-    """The denoising U-Net (or its conditioning) cannot be loaded here."""
 
 
 @dataclass
@@ -92,14 +89,14 @@ _lock = threading.Lock()
 
 
 def default_spec() -> str:
-    return options.DENOISE_MODEL or os.environ.get("SDLATENT_DENOISE_MODEL") or DEFAULT_UNET
+    return options.resolve("DENOISE_MODEL") or DEFAULT_UNET
 
 
 def load_denoiser(spec: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> Denoiser:
     """Load (once per process) the U-Net, a DDIM scheduler and the empty-prompt embedding of ``spec``."""
     spec = str(spec or default_spec())
-    dev = pick_device(device or options.DEVICE)
-    dt = pick_dtype(dev, dtype or options.DTYPE)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
     key = (spec, str(dev), str(dt))
     with _lock:
         if key not in _cache:

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import options
 from ._atomic import atomic_write
 from .core import codec
 from .core.container import write_chunks
 from .core.header import FINGERPRINT_SIZE, Header
-from .core.settings import QuantSettings, settings_for
+from .core.settings import QuantSettings
 from .models import Autoencoder, load_model
-from .pipeline import decode_batch, encode_batch, refine_steps, split_image
+from .pipeline import ModelIdentity, decode_batch, encode_batch, encode_chunks, refine_steps, split_image
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 LatentArray = torch.Tensor | np.ndarray
@@ -122,19 +121,10 @@ def latent_chunks(
 ) -> list:
     """The chunks :func:`write_latents` writes (see there)."""
     z = _as_numpy(latents)
-    c, lh, lw = z.shape
-    mid, fp, f = _model_identity(model, model_id, fingerprint, downscale, c)
-    width, height = size if size is not None else (lw * f, lh * f)
-    if settings is None:
-        settings = settings_for(quality, method, c)
-    elif quality is not None or method != "auto":
-        raise TypeError("pass either settings=... or quality/method, not both")
-    fields, payload, palette = codec.quantize(z, settings)
-    header = Header(
-        width=width, height=height, mode=mode, channels=c, latent_height=lh, latent_width=lw, model_id=mid,
-        fingerprint=fp, downscale=f, coder=settings.coder, **fields,
-    )  # fmt: skip
-    return codec.build_chunks(header, payload, palette, alpha, info)
+    identity = ModelIdentity(*_model_identity(model, model_id, fingerprint, downscale, z.shape[0]))
+    return encode_chunks(
+        z, identity, size=size, mode=mode, alpha=alpha, quality=quality, method=method, settings=settings, info=info
+    )
 
 
 def write_latents(
@@ -189,7 +179,7 @@ def write_latents(
 def _resolve(model: Autoencoder | str | os.PathLike[str] | None, device: str | None) -> Autoencoder:
     if isinstance(model, Autoencoder):
         return model
-    return load_model(model, device or options.DEVICE, options.DTYPE)
+    return load_model(model, device)
 
 
 def encode_images(

@@ -6,21 +6,24 @@ imports it only when an image is encoded or decoded.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import warnings
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import options
+from .core import ratecontrol
 from .core.codec import LatentFile, build_chunks, quantize
-from .core.container import Chunk
+from .core.container import Chunk, write_chunks
 from .core.header import Header
 from .core.preview import preview_chunk, reader_latents
-from .core.settings import QuantSettings
+from .core.settings import QuantSettings, settings_for
 from .models import Autoencoder, load_model, model_for_file
 
 #: Modes stored as they are; everything else is converted first (see :func:`split_image`).
@@ -31,8 +34,10 @@ def split_image(im: Image.Image) -> tuple[str, np.ndarray, np.ndarray | None]:
     """(stored mode, RGB uint8 array (H, W, 3), alpha (H, W) or None) for any Pillow mode.
 
     P becomes RGBA when it has transparency, else RGB; 1 becomes L; CMYK and
-    YCbCr-like modes become RGB; I;16, I and F become L (high-bit-depth data is
-    reduced to 8 bits, with a warning); PA and La become LA/RGBA-like as Pillow converts them.
+    YCbCr-like modes become RGB; PA and La become LA/RGBA-like as Pillow converts them.
+    High-bit-depth grey becomes 8-bit L (with a warning), whatever the data holds:
+    I;16 scaled from its 16-bit range (``v / 257``, so 65535 is white); I and F exactly
+    as Pillow's ``convert("L")`` (values clipped to 0..255, F truncated: 255 is white, 1.0 is 1).
     """
     mode = im.mode
     if mode == "P":
@@ -43,12 +48,11 @@ def split_image(im: Image.Image) -> tuple[str, np.ndarray, np.ndarray | None]:
         im = im.convert("L")
     elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         warnings.warn(f"mode {mode} is stored as 8-bit L: precision beyond 8 bits is lost", stacklevel=4)
-        arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
-            arr = arr / 257.0 if arr.max(initial=0) <= 65535 else arr * (255.0 / max(arr.max(), 1))
-        elif mode == "F":
-            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
-        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        if mode.startswith("I;16"):
+            arr = np.asarray(im, dtype=np.float64) / 257.0
+            im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        else:
+            im = im.convert("L")
     elif mode == "La":
         im = im.convert("LA")
     elif mode == "RGBa":
@@ -78,17 +82,8 @@ def to_uint8(images: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def refine_steps(refine: int | None = None) -> int:
-    """Refinement steps: ``refine`` if given, else ``options.REFINE``, else ``SDLATENT_REFINE``, else 0."""
-    value: object = refine if refine is not None else options.REFINE
-    if value is None:
-        env = os.environ.get("SDLATENT_REFINE", "").strip()
-        try:
-            value = int(env) if env else 0
-        except ValueError:
-            raise ValueError(f"SDLATENT_REFINE must be a number of steps >= 0, got {env!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"refine must be a number of steps >= 0, got {value!r}")
-    return value
+    """Refinement steps (``options.resolve("REFINE", refine)``: argument > options > environment > 0)."""
+    return options.resolve("REFINE", refine)
 
 
 def encode_latents(model: Autoencoder, rgb: np.ndarray, refine: int | None = None) -> np.ndarray:
@@ -153,26 +148,143 @@ def best_quantized(
     return candidates[int(np.argmin(errors))]
 
 
+class ModelIdentity(NamedTuple):
+    """What a file records of its model: enough to write latents made elsewhere without loading weights."""
+
+    model_id: str
+    fingerprint: bytes
+    downscale: int
+
+
+def check_choice(
+    quality: int | None, method: str, dither: float | None, palette_size: int | None,
+    settings: QuantSettings | None, budget: int | None,
+) -> None:  # fmt: skip
+    """The conflicts between save options that need no model to find."""
+    if budget is not None and quality is not None:
+        raise ValueError("give quality or a target_size/target_bpp budget, not both")
+    if settings is not None:
+        if quality is not None or method != "auto" or dither is not None or palette_size is not None:
+            raise TypeError("pass either settings=... or quality/method/dither/palette_size, not both")
+        if budget is not None:
+            raise ValueError("a target_size/target_bpp budget chooses the settings; do not pass settings=...")
+
+
+def settings_chooser(
+    channels: int,
+    quality: int | None = None,
+    method: str = "auto",
+    dither: float | None = None,
+    palette_size: int | None = None,
+    settings: QuantSettings | None = None,
+    budget: int | None = None,
+) -> Callable[[int | None], QuantSettings]:
+    """quality -> settings for these save options; checks them all now (before any model runs)."""
+    check_choice(quality, method, dither, palette_size, settings, budget)
+    if settings is not None:
+        return lambda _quality: settings
+
+    def choose(q: int | None) -> QuantSettings:
+        return settings_for(q, method, channels, dither, palette_size)
+
+    choose(quality)
+    return choose
+
+
+def encode_chunks(
+    latents: np.ndarray,
+    model: Autoencoder | ModelIdentity,
+    *,
+    size: tuple[int, int] | None = None,
+    mode: str = "RGB",
+    alpha: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    quality: int | None = None,
+    method: str = "auto",
+    dither: float | None = None,
+    palette_size: int | None = None,
+    settings: QuantSettings | None = None,
+    target_size: int | None = None,
+    target_bpp: float | None = None,
+    refine: int | None = None,
+    preview: bool = True,
+    info: dict | None = None,
+    extra: list[Chunk] | None = None,
+) -> list[Chunk]:
+    """The encode path after the encoder, the one every writer takes: latents -> optional refinement
+    -> codec -> chunks, rate control included.
+
+    latents: the encoder's (C, h, w) float32 output (unrefined), or latents made elsewhere.
+    model: the autoencoder (needed to refine), or just the :class:`ModelIdentity` to record.
+    size: image (width, height) (default: the latents' size times the downscale factor).
+    mode, alpha: the stored mode and its alpha plane (see :func:`split_image`).
+    rgb: the image's (H, W, 3) uint8 array: refinement targets it, and the ``prVw`` preview map is
+        fitted to it (no preview without it, or with ``preview=False``).
+    quality, method, dither, palette_size: as the save options; or ``settings`` for full control.
+    target_size, target_bpp: a byte budget instead of ``quality``: the highest quality that fits
+        (see :mod:`.core.ratecontrol`); refined files are refined at the quality found, and the
+        unrefined file is kept if the refined one overshoots.
+    refine: refinement steps (:func:`refine_steps`).
+    info: ``exif``/``icc_profile``/``xmp`` metadata; ``extra``: further ancillary chunks.
+    """
+    c, lh, lw = latents.shape
+    if size is None:
+        size = (lw * model.downscale, lh * model.downscale)
+    budget = ratecontrol.budget_bytes(size[0], size[1], target_size, target_bpp)
+    choose = settings_chooser(c, quality, method, dither, palette_size, settings, budget)
+    steps = refine_steps(refine)
+    if steps and (rgb is None or not isinstance(model, Autoencoder)):
+        raise ValueError("refine needs the image (rgb=...) and the autoencoder itself (model=...)")
+    preview_of = rgb if preview else None
+
+    def build(s: QuantSettings, z: np.ndarray = latents) -> list[Chunk]:
+        return latents_to_chunks(z, model, s, size, mode, alpha, info=info, extra=extra, preview_of=preview_of)
+
+    def refined(s: QuantSettings) -> list[Chunk]:
+        z, s = latents_for_file(model, rgb, latents, s, steps)  # type: ignore[arg-type]
+        return build(s, z)
+
+    if budget is None:
+        return refined(choose(quality)) if steps else build(choose(quality))
+    found, chunks = ratecontrol.fit_budget(choose, build, budget)
+    if steps:  # refine at the quality the search found; keep the unrefined file if the refined one overshoots
+        better = refined(choose(found))
+        if ratecontrol.file_size(better) <= budget:
+            chunks = better
+    return chunks
+
+
 def encode_image(
     im: Image.Image,
-    settings: QuantSettings,
     model: Autoencoder | str | None = None,
     *,
     device: str | None = None,
     info: dict | None = None,
-    extra: list[Chunk] | None = None,
-    preview: bool = True,
-    refine: int | None = None,
+    **save_options: Any,
 ) -> list[Chunk]:
-    """All chunks of the .sdl file for ``im`` (with a ``prVw`` preview chunk unless ``preview=False``);
-    ``refine``: latent refinement steps (see :func:`refine_steps`)."""
+    """All chunks of the .sdl file ``Image.save`` writes for ``im``: the image -> latents part of the
+    encode path, then :func:`encode_chunks` (``save_options``: its keyword arguments, e.g. ``quality``,
+    ``target_bpp``, ``refine``, ``preview``). Every option is checked before the encoder runs."""
+    if im.width == 0 or im.height == 0:
+        raise ValueError("cannot write empty image")
+    opt = save_options.get
+    budget = ratecontrol.budget_bytes(im.width, im.height, opt("target_size"), opt("target_bpp"))
+    choice = (opt("quality"), opt("method", "auto"), opt("dither"), opt("palette_size"), opt("settings"), budget)
+    check_choice(*choice)
+    refine_steps(opt("refine"))
     if not isinstance(model, Autoencoder):
-        model = load_model(model, device or options.DEVICE, options.DTYPE)
+        model = load_model(model, device)
+    settings_chooser(model.latent_channels, *choice)  # the checks that need the latent channel count
     stored, rgb, alpha = split_image(im)
-    latents, settings = latents_for_file(model, rgb, encode_latents(model, rgb), settings, refine)
-    return latents_to_chunks(
-        latents, model, settings, im.size, stored, alpha, info=info, extra=extra, preview_of=rgb if preview else None
-    )
+    latents = encode_latents(model, rgb, 0)
+    return encode_chunks(latents, model, size=im.size, mode=stored, alpha=alpha, rgb=rgb, info=info, **save_options)
+
+
+def file_bytes(chunks: list[Chunk]) -> bytes:
+    """The bytes of the file these chunks make (what ``Image.save`` writes)."""
+    buf = io.BytesIO()
+    write_chunks(buf, chunks)
+    return buf.getvalue()
 
 
 def latents_to_chunks(
@@ -187,7 +299,8 @@ def latents_to_chunks(
     extra: list[Chunk] | None = None,
     preview_of: np.ndarray | None = None,
 ) -> list[Chunk]:
-    """Quantize and code latents the model made of an image of ``size`` (width, height).
+    """Quantize and code latents the model made of an image of ``size`` (width, height): the codec
+    step of :func:`encode_chunks` (call that instead: it chooses settings, refines, controls the rate).
 
     ``preview_of``: the image's RGB array (H, W, 3); when given, a ``prVw`` chunk
     with the model-free preview map fitted to it is added (see core/preview.py).
@@ -235,17 +348,16 @@ def decode_image(
     if not isinstance(model, Autoencoder):
         model = model_for_file(
             lf.header,
-            model or options.DECODE_MODEL,
-            allow_mismatch=options.ALLOW_MODEL_MISMATCH if allow_mismatch is None else allow_mismatch,
-            device=device or options.DEVICE,
-            dtype=options.DTYPE,
+            options.resolve("DECODE_MODEL", model),
+            allow_mismatch=options.resolve("ALLOW_MODEL_MISMATCH", allow_mismatch),
+            device=device,
         )
-    strength = options.DENOISE if denoise is None else denoise
+    strength = options.resolve("DENOISE", denoise)
     latents = None
     if strength:
         from .denoise import maybe_denoise
 
-        latents = maybe_denoise(lf.latents(), strength, denoise_model, device or options.DEVICE)
+        latents = maybe_denoise(lf.latents(), strength, denoise_model, device)
     im = Image.fromarray(decode_rgb(lf, model, latents), "RGB")
     mode = lf.header.mode
     if mode in ("L", "LA"):
@@ -292,111 +404,3 @@ def decode_batch(
             for j, i in enumerate(part):
                 out[i] = to_uint8(x[j : j + 1], h, w)
     return out  # type: ignore[return-value]
-
-
-@dataclass
-class SourceImage:
-    """An image read for encoding: its pixels as :func:`split_image` gives them and the metadata kept in the file."""
-
-    size: tuple[int, int]  # (width, height)
-    stored: str  # the mode the file stores (RGB, L, RGBA or LA)
-    rgb: np.ndarray  # (H, W, 3) uint8
-    alpha: np.ndarray | None  # (H, W) uint8, or None
-    info: dict[str, bytes] = field(default_factory=dict)  # exif, icc_profile, xmp
-
-
-def source_image(im: Image.Image) -> SourceImage:
-    """Load ``im`` (decoding it, on the CPU) into what the encoder takes; its exif, ICC profile and XMP kept."""
-    im.load()
-    stored, rgb, alpha = split_image(im)
-    info: dict[str, bytes] = {}
-    for key in ("exif", "icc_profile", "xmp"):
-        value = im.info.get(key)
-        if isinstance(value, Image.Exif):
-            value = value.tobytes()
-        if value:
-            info[key] = value
-    return SourceImage(im.size, stored, rgb, alpha, info)
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What the chunks of a file take from its model (:func:`latents_to_chunks`): where no model is loaded."""
-
-    model_id: str
-    fingerprint: bytes
-    downscale: int
-
-    @classmethod
-    def of(cls, model: Autoencoder) -> ModelIdentity:
-        return cls(model.model_id, model.fingerprint, model.downscale)
-
-
-def source_latents(
-    model: Autoencoder,
-    settings: QuantSettings,
-    sources: list[SourceImage],
-    *,
-    batch_size: int = 1,
-    refine: int | None = None,
-) -> list[tuple[np.ndarray, QuantSettings] | Exception]:
-    """The model's half of :func:`encode_sources`: each source's latents to code and the settings to code
-    them with (refinement pins the quantizer's grid), or the exception that image raised."""
-    steps = refine_steps(refine)
-    latents: list[np.ndarray | Exception] = []
-    for start in range(0, len(sources), batch_size):
-        part = sources[start : start + batch_size]
-        try:
-            latents += encode_batch(model, [s.rgb for s in part], batch_size, refine=0)  # refined per file below
-        except Exception:
-            for s in part:
-                try:
-                    latents.append(encode_batch(model, [s.rgb], 1, refine=0)[0])
-                except Exception as exc:
-                    latents.append(exc)
-    out: list[tuple[np.ndarray, QuantSettings] | Exception] = []
-    for s, z in zip(sources, latents, strict=True):
-        try:
-            out.append(z if isinstance(z, Exception) else latents_for_file(model, s.rgb, z, settings, steps))
-        except Exception as exc:
-            out.append(exc)
-    return out
-
-
-def code_latents(
-    model: Autoencoder | ModelIdentity, source: SourceImage, latents: np.ndarray, settings: QuantSettings,
-    preview: bool = True,
-) -> list[Chunk]:  # fmt: skip
-    """The model-free half of :func:`encode_sources`: the chunks of the file of ``source`` (CPU only)."""
-    return latents_to_chunks(latents, model, settings, source.size, source.stored, source.alpha,
-                             info=dict(source.info), preview_of=source.rgb if preview else None)  # fmt: skip
-
-
-def encode_sources(
-    model: Autoencoder,
-    settings: QuantSettings,
-    sources: list[SourceImage],
-    *,
-    batch_size: int = 1,
-    refine: int | None = None,
-    preview: bool = True,
-) -> list[list[Chunk] | Exception]:
-    """The chunks of the .sdl file of each source, or the exception that image raised (the others go on):
-    :func:`source_latents` (the model) then :func:`code_latents` (the CPU), which a pipeline may run apart.
-
-    Equal-size images share forward passes of up to ``batch_size`` images. With ``batch_size=1`` every
-    image has a forward pass of its own, as in ``Image.save``, and the bytes are ``Image.save``'s; batched
-    forward passes round the last float bits differently, which can change the coded latents. A batch
-    that fails (e.g. out of memory at its size) is retried one image at a time.
-    """
-    out: list[list[Chunk] | Exception] = []
-    for s, r in zip(sources, source_latents(model, settings, sources, batch_size=batch_size, refine=refine),
-                    strict=True):  # fmt: skip
-        if isinstance(r, Exception):
-            out.append(r)
-            continue
-        try:
-            out.append(code_latents(model, s, *r, preview=preview))
-        except Exception as exc:
-            out.append(exc)
-    return out

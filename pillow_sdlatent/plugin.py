@@ -1,34 +1,57 @@
-"""The Pillow adapter: open/load/save of ``.sdl`` files through ``PIL.Image``.
+"""The Pillow adapter: open/load/save of ``.sdl`` files through ``PIL.Image`` (a thin one, as
+Pillow's own QoiImagePlugin: everything else is in :mod:`.core` and :mod:`.pipeline`).
 
 ``_open`` reads the header and metadata only (size and mode known, no model,
 no torch), so Pillow's decompression-bomb check runs before any decoding;
 ``load`` decodes the latents and runs the autoencoder. ``draft`` (as for
 JPEG) switches ``load`` to the file's model-free 1/8-scale preview instead.
+
+Importing this module (``import pillow_sdlatent`` does) imports Pillow and the
+standard library only: numpy, zstandard and the range coder load on the first
+``open``, torch on the first encode or full decode.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image, ImageFile
 
-from .core import codec, preview, ratecontrol
-from .core.container import SIGNATURE, FormatError, write_chunks
-from .core.header import Header
-from .core.settings import QuantSettings, settings_for
+from .errors import FormatError, ModelMismatchError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .core import codec
+    from .core.header import Header
 
 FORMAT = "SDL"
 MIME = "image/x-sdlatent"
 EXTENSIONS = [".sdl"]
 
-#: ``encoderinfo`` keys this plugin reads (everything else Pillow passes is ignored).
-SAVE_OPTIONS = ("quality", "method", "model", "device", "dither", "palette_size", "exif", "icc_profile", "xmp",
-                "preview", "target_size", "target_bpp")  # fmt: skip
+#: Save options (``im.save(f, "SDL", **options)``); every other ``encoderinfo`` key is ignored.
+SAVE_OPTIONS: dict[str, str] = {
+    "quality": "0..100 (default 75); file size grows with it",
+    "method": "quantizer: auto (= transform), scalar, palette, original (see core.settings.settings_for)",
+    "target_size": "a budget in bytes instead of quality: the highest quality that fits",
+    "target_bpp": "a budget in bits per pixel instead of quality",
+    "refine": "latent refinement steps through the decoder (default: options.REFINE, SDLATENT_REFINE, 0)",
+    "preview": "store the model-free 1/8-scale preview map (default True, about 124 bytes)",
+    "model": "model spec (default: options.MODEL, SDLATENT_MODEL, then the SD VAE)",
+    "device": "cpu, cuda, cuda:N, mps (default: options.DEVICE, SDLATENT_DEVICE, then the best available)",
+    "dither": "error-diffusion strength 0..1 for palettes",
+    "palette_size": "entries of a palette (2..65536)",
+    "exif": "EXIF bytes or Image.Exif (default: the image's own info)",
+    "icc_profile": "ICC profile bytes (default: the image's own info)",
+    "xmp": "XMP packet (default: the image's own info)",
+}
+METADATA = ("exif", "icc_profile", "xmp")
 
 
 def _accept(prefix: bytes) -> bool:
+    from .core.container import SIGNATURE  # here, not at import: it costs dataclasses' import
+
     return prefix[:8] == SIGNATURE
 
 
@@ -69,12 +92,18 @@ class SdlImageFile(ImageFile.ImageFile):
     #: :func:`pillow_sdlatent.open`). Empty: the defaults in :mod:`pillow_sdlatent.options`.
     decoder_options: dict[str, Any]
 
+    #: Ancillary chunks this reader keeps but does not interpret, by chunk type (the ``prVw`` preview among them).
+    ancillary: dict[str, bytes]
+
     def _open(self) -> None:
+        from .core import codec
+
         header, info = codec.read_head(self.fp)
         _check_decode_cost(header)
         self.header = header
         self._size = (header.width, header.height)
         self._mode = header.mode
+        self.ancillary = dict(info.pop("_ancillary", {}))
         self.info.update(info)
         self.info["model"] = header.model_id
         self.decoder_options = {}
@@ -84,10 +113,27 @@ class SdlImageFile(ImageFile.ImageFile):
 
     def read_latent_file(self) -> codec.LatentFile:
         """The model-free layer of this file: header, symbols, alpha, metadata."""
-        self.fp.seek(self.tile[0].offset if self.tile else 0)
+        from .core import codec
+
         if not self.tile:
             raise ValueError("image already loaded; reopen the file to read its latents")
-        return codec.read_body(self.fp, self.header, self.info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        if self.fp is None:
+            raise ValueError("Operation on closed image" if self._closed() else "the file was verified or closed")
+        self.fp.seek(self.tile[0].offset)
+        info = {**self.info, "_ancillary": dict(self.ancillary)}
+        lf = codec.read_body(self.fp, self.header, info, allow_truncated=ImageFile.LOAD_TRUNCATED_IMAGES)
+        self.ancillary.update(lf.info.get("_ancillary", {}))  # chunks after the data, as Pillow's PNG reader
+        self.info.update((k, v) for k, v in lf.info.items() if not k.startswith("_"))
+        return lf
+
+    def _closed(self) -> bool:
+        return isinstance(getattr(self, "_im", None), Image.DeferredError)
+
+    def load_seek(self, pos: int) -> None:
+        """``fp.seek``. Its presence tells ``ImageFile.Parser`` that this format has no incremental
+        decoder: the parser then knows ``size`` and ``mode`` as soon as the header is in, and
+        decodes once the whole file has been fed (``Parser.close()``)."""
+        self.fp.seek(pos)
 
     def verify(self) -> None:
         """Check every CRC and decode the latent layer (no model needed); raise on any defect."""
@@ -96,7 +142,9 @@ class SdlImageFile(ImageFile.ImageFile):
 
     def preview_map(self) -> np.ndarray | None:
         """The file's latent->pixel preview map, or None when it has no usable ``prVw`` chunk."""
-        payload = self.info.get("_ancillary", {}).get(preview.CHUNK_TYPE.decode())
+        from .core import preview
+
+        payload = self.ancillary.get(preview.CHUNK_TYPE.decode())
         if payload is None:
             return None
         try:
@@ -106,13 +154,15 @@ class SdlImageFile(ImageFile.ImageFile):
             return None
 
     def draft(self, mode: str | None, size: tuple[int, int] | None) -> tuple[str, tuple[int, int, float, float]] | None:
-        """Pillow's draft mode, as for JPEG: only before ``load``, and only once.
+        """Pillow's draft mode: only before ``load``, and only once.
 
-        When ``size`` fits within the 1/8-scale preview (``size <= (w // 8, h // 8)``,
-        JPEG's rule for its 1/8 scale), ``load`` renders the model-free preview of
-        ``ceil(w/8) x ceil(h/8)`` pixels and ``im.size`` changes now. ``mode="L"``
-        turns an RGB file grey. Returns ``(mode, box)`` with the original image's
-        box in the new size (what :meth:`PIL.Image.Image.thumbnail` resizes from),
+        When ``size`` is at most twice the 1/8-scale preview (``size <= (2 * (w // 8),
+        2 * (h // 8))``), ``load`` renders the model-free preview of ``ceil(w/8) x
+        ceil(h/8)`` pixels and ``im.size`` changes now. Twice, not JPEG's once: Pillow's
+        :meth:`~PIL.Image.Image.thumbnail` asks draft for twice its target size, so every
+        thumbnail of at most ``w // 8 x h // 8`` comes from the preview (and larger ones
+        from the full decode). ``mode="L"`` turns an RGB file grey. Returns ``(mode, box)``
+        with the original image's box in the new size (what ``thumbnail`` resizes from),
         or None when the image is loaded or draft was already called.
         """
         if len(self.tile) != 1 or self._draft_scale:
@@ -123,7 +173,7 @@ class SdlImageFile(ImageFile.ImageFile):
         scale = 1
         factor = self.header.downscale
         if size and size[0] > 0 and size[1] > 0:
-            fits = min(original[0] // size[0], original[1] // size[1]) >= factor
+            fits = size[0] <= 2 * (original[0] // factor) and size[1] <= 2 * (original[1] // factor)
             if fits and self.preview_map() is not None:
                 scale = factor
                 self._size = (self.header.latent_width, self.header.latent_height)
@@ -133,6 +183,8 @@ class SdlImageFile(ImageFile.ImageFile):
         return self.mode, (0, 0, original[0] / scale, original[1] / scale)
 
     def load(self) -> Any:
+        if self._closed():
+            raise ValueError("Operation on closed image")
         if self.tile and self.tile[0].codec_name == "sdl":
             lf = self.read_latent_file()
             decoded = self._render_preview(lf) if self._draft_scale > 1 else self._decode_full(lf)
@@ -147,6 +199,10 @@ class SdlImageFile(ImageFile.ImageFile):
         return super().load()
 
     def _render_preview(self, lf: codec.LatentFile) -> Image.Image:
+        import numpy as np
+
+        from .core import preview
+
         matrix = self.preview_map()
         assert matrix is not None  # draft() enables the preview only when the map is usable
         pixels = preview.render(lf.latents(), matrix)
@@ -160,7 +216,6 @@ class SdlImageFile(ImageFile.ImageFile):
     def _decode_full(self, lf: codec.LatentFile) -> Image.Image:
         opts = self.decoder_options
         try:
-            from .models import ModelMismatchError, ModelNotFoundError
             from .pipeline import decode_image
         except ImportError as exc:
             raise self._with_preview_hint(exc, f"decoding .sdl files needs torch ({exc})") from exc
@@ -177,72 +232,49 @@ class SdlImageFile(ImageFile.ImageFile):
         if w >= f and h >= f and self.preview_map() is not None:  # draft() reaches the preview
             message += (
                 f". The file carries a model-free {self.header.latent_width}x{self.header.latent_height} preview: "
-                f"call im.draft('RGB', ({w // f}, {h // f})) before load(), or im.thumbnail(...), to get it"
+                f"im.draft('RGB', ({w // f}, {h // f})) before load(), or im.thumbnail(size) for any size up to "
+                f"{w // f}x{h // f}, gives it without the model"
             )
         return type(exc)(message)
 
 
 def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
-    from .models import load_model
-    from .pipeline import encode_image
+    """``Image.save``: the save options and metadata handed to the one encode path (pipeline.encode_image)."""
+    from .core.container import write_chunks
 
-    opts = im.encoderinfo
-    budget = ratecontrol.budget_bytes(im.width, im.height, opts.get("target_size"), opts.get("target_bpp"))
-    if budget is not None and opts.get("quality") is not None:
-        raise ValueError("give quality or a target_size/target_bpp budget, not both")
-    from .pipeline import refine_steps
-
-    model = load_model(opts.get("model"), opts.get("device"))
-
-    def settings(quality: int | None) -> QuantSettings:
-        method = opts.get("method", "auto")
-        return settings_for(quality, method, model.latent_channels, opts.get("dither"), opts.get("palette_size"))
-
-    settings(opts.get("quality"))  # reject bad options before the model runs
-    refine = refine_steps(opts.get("refine"))
+    opts = {k: v for k, v in im.encoderinfo.items() if k in SAVE_OPTIONS and k not in METADATA}
     info = {}
-    for key in ("exif", "icc_profile", "xmp"):
-        value = opts.get(key, im.info.get(key))
+    for key in METADATA:
+        value = im.encoderinfo.get(key, im.info.get(key))
         if isinstance(value, Image.Exif):
             value = value.tobytes()
         if value:
             info[key] = value
-    with_preview = bool(opts.get("preview", True))
-    if budget is None:
-        chunks = encode_image(im, settings(opts.get("quality")), model, info=info, preview=with_preview, refine=refine)
-    else:
-        chunks = _encode_to_budget(im, model, settings, budget, info, with_preview, refine)
+    from .pipeline import encode_image
+
+    chunks = encode_image(im, opts.pop("model", None), device=opts.pop("device", None), info=info, **opts)
     # Everything is encoded before the first byte is written: a failure leaves fp untouched.
     write_chunks(fp, chunks)
 
 
-def _encode_to_budget(im: Image.Image, model: Any, settings: Any, budget: int, info: dict,
-                      with_preview: bool, refine: int) -> list:  # fmt: skip
-    """Encode (and refine) once, then quantize and code at the qualities a bisection visits (see core.ratecontrol)."""
-    from .pipeline import encode_latents, latents_for_file, latents_to_chunks, split_image
-
-    stored, rgb, alpha = split_image(im)
-    latents = encode_latents(model, rgb)
-
-    def build(s: QuantSettings, z: Any = latents) -> list:
-        preview_of = rgb if with_preview else None
-        return latents_to_chunks(z, model, s, im.size, stored, alpha, info=info, preview_of=preview_of)
-
-    quality, chunks = ratecontrol.fit_budget(settings, build, budget)
-    if refine:  # refine at the quality the search found; keep the unrefined file if the refined one overshoots
-        z, s = latents_for_file(model, rgb, latents, settings(quality), refine)
-        refined = build(s, z)
-        if ratecontrol.file_size(refined) <= budget:
-            chunks = refined
-    return chunks
+def _save_all(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
+    """``save_all=True``: an .sdl file holds one image; a single frame is saved as ``_save`` does."""
+    frames = getattr(im, "n_frames", 1) + len(im.encoderinfo.get("append_images", []))
+    if frames > 1:
+        raise ValueError(
+            f"SDL files hold one image, not {frames} frames: save each frame to its own file "
+            "(for frame in ImageSequence.Iterator(im): ...)"
+        )
+    _save(im, fp, filename)
 
 
 def register_sdlatent_opener() -> None:
     """Register the SDL format with Pillow (done on ``import pillow_sdlatent``)."""
     Image.register_open(FORMAT, SdlImageFile, _accept)
     Image.register_save(FORMAT, _save)
+    Image.register_save_all(FORMAT, _save_all)
     Image.register_extensions(FORMAT, EXTENSIONS)
     Image.register_mime(FORMAT, MIME)
 
 
-__all__ = ["FormatError", "SdlImageFile", "register_sdlatent_opener"]
+__all__ = ["SAVE_OPTIONS", "FormatError", "SdlImageFile", "register_sdlatent_opener"]

@@ -5,15 +5,16 @@ the job:
 
 1. **read** (Ray tasks on CPU workers): skip rows whose output already exists and reads back (resume),
    read the file unless the row carries its ``bytes``, decode it with Pillow into RGB pixels, alpha and
-   metadata (:func:`pillow_sdlatent.pipeline.source_image`);
+   metadata (``pipeline.split_image``, as ``Image.save`` and ``sdlatent convert`` read an image);
 2. **encode** (:class:`SdlEncoder` actors, one model each; ``num_gpus=1`` on GPU clusters): the latents
-   (:func:`pillow_sdlatent.pipeline.source_latents`, refinement included);
-3. **code** (tasks, CPU): quantization, entropy coding and the preview chunk
-   (:func:`pillow_sdlatent.pipeline.code_latents`), so that a GPU actor never waits for them;
+   (``pipeline.encode_batch``, as ``sdlatent convert`` makes them);
+3. **code** (tasks, CPU): the rest of the one encode path, ``pipeline.encode_chunks`` (quantization, rate
+   control, coding, the preview chunk), so that a GPU actor never waits for it; when the options refine,
+   which needs the model, the actor runs ``encode_chunks`` itself;
 4. **write** (tasks, :func:`convert`): each ``.sdl`` written atomically, optionally WebDataset tar shards.
 
-Stages 2 and 3 are the two halves of :func:`pillow_sdlatent.pipeline.encode_sources`, the encode function
-of ``sdlatent convert``: with the same model, device and options the bytes are those of ``Image.save``.
+With the same model, device and options the bytes are those of ``Image.save`` (and of ``sdlatent convert
+-b 1``): every image has a forward pass of its own unless ``forward_batch`` says otherwise.
 :func:`encode_dataset` is stages 1-3 (a Dataset of image bytes or paths in, ``.sdl`` bytes out);
 :func:`convert` runs all four for input files and returns a :class:`Report` (and writes a JSON-lines
 table of every row). See docs/dataset.md for a multi-node recipe.
@@ -30,7 +31,7 @@ import pickle
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +51,36 @@ _META = ("exif", "icc_profile", "xmp")
 
 @dataclass
 class EncodeOptions:
-    """What decides the bytes of a file: the options of ``Image.save(..., "SDL")`` (and ``sdlatent convert``)."""
+    """What decides the bytes of a file: the save options of ``Image.save(..., "SDL")`` (and ``sdlatent convert``)."""
 
-    model: str | None = None  # None: SDLATENT_MODEL on the driver, then the SD VAE
-    device: str | None = None  # None: SDLATENT_DEVICE on the driver, then the best the worker has
+    model: str | None = None  # None: options.MODEL / SDLATENT_MODEL on the driver, then the SD VAE
+    device: str | None = None  # None: options.DEVICE / SDLATENT_DEVICE on the driver, then each worker's best
+    dtype: str | None = None  # None: options.DTYPE / SDLATENT_DTYPE on the driver, then the device's default
     quality: int | None = None
     method: str = "auto"
     dither: float | None = None
     palette_size: int | None = None
-    refine: int | None = None  # None: SDLATENT_REFINE on the driver, then 0
+    target_size: int | None = None  # a byte budget per file instead of quality (rate control)
+    target_bpp: float | None = None
+    refine: int | None = None  # None: options.REFINE / SDLATENT_REFINE on the driver, then 0
     preview: bool = True
 
     def resolved(self) -> EncodeOptions:
-        """Environment defaults taken on the driver, so that every worker of a cluster uses the same."""
+        """The settings and environment of the driver applied, so that every worker of a cluster uses the
+        same; the save options checked (before any worker starts)."""
+        from . import options
         from .models.registry import default_spec
-        from .pipeline import refine_steps
+        from .pipeline import check_choice, refine_steps
 
-        device = self.device or os.environ.get("SDLATENT_DEVICE") or None
-        return EncodeOptions(self.model or default_spec(), device, self.quality, self.method, self.dither,
-                             self.palette_size, refine_steps(self.refine), self.preview)  # fmt: skip
+        budget = 1 if self.target_size is not None or self.target_bpp is not None else None
+        check_choice(self.quality, self.method, self.dither, self.palette_size, None, budget)
+        return replace(self, model=self.model or default_spec(), device=options.resolve("DEVICE", self.device),
+                       dtype=options.resolve("DTYPE", self.dtype), refine=refine_steps(self.refine))  # fmt: skip
+
+    def save_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pillow_sdlatent.pipeline.encode_chunks`."""
+        keys = ("quality", "method", "dither", "palette_size", "target_size", "target_bpp", "refine", "preview")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _describe(exc: BaseException) -> str:
@@ -99,12 +111,18 @@ def reads_back(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+def _metadata(value: Any) -> bytes:
+    from PIL import Image
+
+    return value.tobytes() if isinstance(value, Image.Exif) else bytes(value or b"")
+
+
 def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, np.ndarray]:
     """Stage 1: resume check and image decoding, one row at a time; a failure is the row's status."""
     from PIL import Image
 
     from .core.container import SIGNATURE
-    from .pipeline import source_image
+    from .pipeline import split_image
 
     paths = batch["path"]
     n = len(paths)
@@ -127,10 +145,11 @@ def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, 
                 if source.getbuffer()[:8] == SIGNATURE:  # never a model decode in a read task
                     raise ValueError("is already .sdl (to re-encode, decode it to PNG first)")
                 with Image.open(source) as im:
-                    s = source_image(im)
-                row.update(width=s.size[0], height=s.size[1], mode=s.stored, rgb=s.rgb.tobytes(),
-                           alpha=b"" if s.alpha is None else s.alpha.tobytes())  # fmt: skip
-                row.update({k: s.info.get(k, b"") for k in _META})
+                    im.load()
+                    stored, rgb, alpha = split_image(im)  # as Image.save and sdlatent convert read it
+                    row.update({k: _metadata(im.info.get(k)) for k in _META})
+                row.update(width=im.width, height=im.height, mode=stored, rgb=rgb.tobytes(),
+                           alpha=b"" if alpha is None else alpha.tobytes())  # fmt: skip
             except Exception as exc:
                 row.update(status=ERROR, error=f"cannot read image: {_describe(exc)}")
         row["seconds"] = time.perf_counter() - t0
@@ -142,22 +161,20 @@ def _read_batch(batch: dict[str, np.ndarray], skip_existing: bool) -> dict[str, 
     return out
 
 
-def _sources(batch: dict[str, np.ndarray], rows: Iterable[int]) -> list[Any]:
-    from .pipeline import SourceImage
-
-    out = []
-    for i in rows:
-        w, h = int(batch["width"][i]), int(batch["height"][i])
-        rgb = np.frombuffer(batch["rgb"][i], np.uint8).reshape(h, w, 3)
-        alpha = np.frombuffer(batch["alpha"][i], np.uint8).reshape(h, w) if len(batch["alpha"][i]) else None
-        info = {k: bytes(batch[k][i]) for k in _META if len(batch[k][i])}
-        out.append(SourceImage((w, h), str(batch["mode"][i]), rgb, alpha, info))
-    return out
+def _image(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Row ``i``'s decoded image as the keyword arguments of :func:`pillow_sdlatent.pipeline.encode_chunks`."""
+    w, h = int(batch["width"][i]), int(batch["height"][i])
+    alpha = batch["alpha"][i]
+    rgb = np.frombuffer(batch["rgb"][i], np.uint8).reshape(h, w, 3)
+    return {"size": (w, h), "mode": str(batch["mode"][i]), "rgb": rgb,
+            "alpha": np.frombuffer(alpha, np.uint8).reshape(h, w) if len(alpha) else None,
+            "info": {k: bytes(batch[k][i]) for k in _META if len(batch[k][i])}}  # fmt: skip
 
 
 class SdlEncoder:
-    """Stage 2, a Ray Data actor: one model loaded once, the latents (and settings) of each decoded row
-    (:func:`pillow_sdlatent.pipeline.source_latents`); the CPU tasks after it code them.
+    """Stage 2, a Ray Data actor: one model loaded once; the latents of each decoded row (``encode_batch``,
+    as ``sdlatent convert`` makes them), left to the CPU tasks after it to code, or, when the options
+    refine (which needs the model), the whole file here (``encode_chunks``).
 
     ``threads``: torch's intra-op threads (CPU actors; default: what Ray gives the actor, at least 1).
     """
@@ -165,75 +182,93 @@ class SdlEncoder:
     def __init__(self, options: EncodeOptions, forward_batch: int = 1, threads: int | None = None) -> None:
         import torch
 
-        from .core.settings import settings_for
         from .models import load_model
-        from .pipeline import ModelIdentity
+        from .pipeline import ModelIdentity, settings_chooser
 
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or None
         if threads:
             torch.set_num_threads(threads)
         self.options = options
         self.forward_batch = forward_batch
-        self.model = load_model(options.model, options.device)
-        self.identity = pickle.dumps(ModelIdentity.of(self.model))
-        self.settings = settings_for(options.quality, options.method, self.model.latent_channels, options.dither,
-                                     options.palette_size)  # fmt: skip
+        self.model = load_model(options.model, options.device, options.dtype)
+        self.identity = pickle.dumps(ModelIdentity(self.model.model_id, self.model.fingerprint, self.model.downscale))
+        budget = 1 if options.target_size is not None or options.target_bpp is not None else None
+        # Options that need the latent channel count to check: bad ones stop the actor before any row.
+        settings_chooser(self.model.latent_channels, options.quality, options.method, options.dither,
+                         options.palette_size, None, budget)  # fmt: skip
+
+    def _latents(self, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        from .pipeline import encode_batch
+
+        out: list[np.ndarray | Exception] = []
+        for start in range(0, len(images), self.forward_batch):
+            part = images[start : start + self.forward_batch]
+            try:
+                out += encode_batch(self.model, part, self.forward_batch, refine=0)
+            except Exception:  # one image broke the batch (e.g. out of memory at its size): one by one
+                for rgb in part:
+                    try:
+                        out += encode_batch(self.model, [rgb], 1, refine=0)
+                    except Exception as exc:
+                        out.append(exc)
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .pipeline import source_latents
+        from .pipeline import encode_chunks, file_bytes
 
         n = len(batch["path"])
         status, error = list(batch["status"]), list(batch["error"])
         seconds = np.array(batch["seconds"], np.float64)
         todo = [i for i in range(n) if status[i] == OK]
-        latents: list[bytes] = [b""] * n
+        latents, sdl = [b""] * n, [b""] * n
         shapes = np.zeros((n, 3), np.int64)
-        settings: list[bytes] = [b""] * n
         t0 = time.perf_counter()
-        results = source_latents(self.model, self.settings, _sources(batch, todo), batch_size=self.forward_batch,
-                                 refine=self.options.refine)  # fmt: skip
+        images = {i: _image(batch, i) for i in todo}
+        results = self._latents([images[i]["rgb"] for i in todo])
+        for i, z in zip(todo, results, strict=True):
+            try:
+                if isinstance(z, Exception):
+                    raise z
+                if self.options.refine:
+                    sdl[i] = file_bytes(encode_chunks(z, self.model, **images[i], **self.options.save_options()))
+                else:
+                    latents[i], shapes[i] = np.ascontiguousarray(z, np.float32).tobytes(), z.shape
+            except Exception as exc:
+                status[i], error[i] = ERROR, f"cannot encode: {_describe(exc)}"
         share = (time.perf_counter() - t0) / max(len(todo), 1)
-        for i, r in zip(todo, results, strict=True):
-            seconds[i] += share
-            if isinstance(r, Exception):
-                status[i], error[i] = ERROR, f"cannot encode: {_describe(r)}"
-                continue
-            z, s = r
-            latents[i], shapes[i], settings[i] = np.ascontiguousarray(z, np.float32).tobytes(), z.shape, pickle.dumps(s)
+        seconds[todo] += share
         out = dict(batch)
         out.update(status=_objects(status), error=_objects(error), seconds=seconds, latents=_objects(latents),
-                   latent_c=shapes[:, 0], latent_h=shapes[:, 1], latent_w=shapes[:, 2], settings=_objects(settings),
+                   latent_c=shapes[:, 0], latent_h=shapes[:, 1], latent_w=shapes[:, 2], sdl=_objects(sdl),
                    model_identity=_objects([self.identity] * n))  # fmt: skip
         return out
 
 
-def _code_batch(batch: dict[str, np.ndarray], preview: bool) -> dict[str, np.ndarray]:
-    """Stage 3 (CPU tasks): each row's latents quantized and coded into the .sdl file's bytes."""
-    from .core.container import write_chunks
-    from .pipeline import code_latents
+def _code_batch(batch: dict[str, np.ndarray], options: EncodeOptions) -> dict[str, np.ndarray]:
+    """Stage 3 (CPU tasks): each row's latents through the rest of the encode path (``encode_chunks``:
+    quantization, rate control, coding, the preview chunk) into the .sdl file's bytes."""
+    from .pipeline import encode_chunks, file_bytes
 
     n = len(batch["path"])
     status, error = list(batch["status"]), list(batch["error"])
     seconds = np.array(batch["seconds"], np.float64)
-    sdl: list[bytes] = [b""] * n
-    todo = [i for i in range(n) if status[i] == OK]
-    for i, source in zip(todo, _sources(batch, todo), strict=True):
+    sdl = list(batch["sdl"])
+    for i in range(n):
+        if status[i] != OK or len(sdl[i]):  # failed, skipped, or coded by the actor already
+            continue
         t0 = time.perf_counter()
         try:
             shape = (int(batch["latent_c"][i]), int(batch["latent_h"][i]), int(batch["latent_w"][i]))
             z = np.frombuffer(batch["latents"][i], np.float32).reshape(shape)
-            # Pickles made by SdlEncoder of this same job, never read from a file.
-            model, settings = pickle.loads(batch["model_identity"][i]), pickle.loads(batch["settings"][i])
-            buf = io.BytesIO()
-            write_chunks(buf, code_latents(model, source, z, settings, preview))
-            sdl[i] = buf.getvalue()
+            identity = pickle.loads(batch["model_identity"][i])  # made by SdlEncoder of this job, never a file's
+            sdl[i] = file_bytes(encode_chunks(z, identity, **_image(batch, i), **options.save_options()))
         except Exception as exc:
             status[i], error[i] = ERROR, f"cannot encode: {_describe(exc)}"
         seconds[i] += time.perf_counter() - t0
     drop = {"rgb", "alpha", "width", "height", "mode", *_META, "latents", "latent_c", "latent_h", "latent_w",
-            "settings", "model_identity"}  # fmt: skip
+            "model_identity"}  # fmt: skip
     out = {k: v for k, v in batch.items() if k not in drop}
-    out.update(status=_objects(status), error=_objects(error), sdl=_objects(sdl),
+    out.update(status=_objects(status), error=_objects(error), sdl=_objects([bytes(b) for b in sdl]),
                bytes=np.array([len(b) for b in sdl], np.int64), seconds=seconds)  # fmt: skip
     return out
 
@@ -283,7 +318,7 @@ def encode_dataset(
         num_gpus=num_gpus or None,
         num_cpus=num_cpus,
     )  # fmt: skip
-    return encoded.map_batches(_code_batch, fn_kwargs={"preview": options.preview}, batch_format="numpy",
+    return encoded.map_batches(_code_batch, fn_kwargs={"options": options}, batch_format="numpy",
                                batch_size=batch_size, num_cpus=read_cpus)  # fmt: skip
 
 
@@ -444,13 +479,10 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
     from . import cli
 
     stats = cli.Stats(failures=list(errors))
-    for name, msg in errors:
-        print(f"sdlatent: error: {name}: {msg}", file=sys.stderr)
-    for job in jobs:
-        if job.decode:
-            msg = "--ray encodes images to .sdl; convert .sdl files to images without --ray"
-            stats.failures.append((str(job.src), msg))
-            print(f"sdlatent: error: {job.src}: {msg}", file=sys.stderr)
+    msg = "--ray encodes images to .sdl; convert .sdl files to images without --ray"
+    stats.failures += [(str(job.src), msg) for job in jobs if job.decode]
+    for name, why in stats.failures:  # each failure is printed once: these now, the job's at its end
+        print(f"sdlatent: error: {name}: {why}", file=sys.stderr)
     todo = [(job.src, job.dst) for job in jobs if not job.decode]
     options = EncodeOptions(model=args.model, device=args.device, quality=args.quality, method=args.method,
                             refine=args.refine, preview=not args.no_preview)  # fmt: skip
@@ -472,13 +504,10 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
     stats.converted, stats.skipped = result.converted, result.skipped
     stats.bytes_in, stats.bytes_out = result.bytes_in, result.bytes_out
     stats.failures += result.failures
+    for name, why in result.failures:
+        print(f"sdlatent: error: {name}: {why}", file=sys.stderr)
     print(cli.summary(stats, time.perf_counter() - start))
-    if stats.failures:
-        print(f"failed ({len(stats.failures)}):", file=sys.stderr)
-        for name, msg in stats.failures:
-            print(f"  {name}: {msg}", file=sys.stderr)
-        return cli.EXIT_FAILED
-    return 0
+    return cli.EXIT_FAILED if stats.failures else 0
 
 
 class _NullFile(io.StringIO):

@@ -109,3 +109,15 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     y = np.asarray(b.convert("RGB"), np.float64)
     mse = ((x - y) ** 2).mean()
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No model can be found: none named by the environment, none cached, none loaded in this process."""
+    monkeypatch.delenv("SDLATENT_MODEL", raising=False)
+    monkeypatch.delenv("SDLATENT_MODEL_PATH", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    from pillow_sdlatent.models import clear_cache
+
+    clear_cache()  # a model loaded earlier in this process would be found by its id

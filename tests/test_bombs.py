@@ -19,11 +19,11 @@ import zstandard
 from PIL import Image, ImageFile
 
 import pillow_sdlatent  # noqa: F401  (registers the format)
-from benchmarks.fuzz import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
 from pillow_sdlatent.core import entropy
 from pillow_sdlatent.core.codec import decode_bytes
 from pillow_sdlatent.core.container import FormatError
 from pillow_sdlatent.core.settings import QuantSettings
+from pillow_sdlatent.fuzzing import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
 
 MiB = 1 << 20
 

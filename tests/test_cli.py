@@ -58,7 +58,7 @@ def test_convert_both_ways_with_a_corrupt_input(tmp_path: Path, images: Path, en
     assert r.returncode == 1, r.stderr  # one file failed
     assert "broken.png" in r.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.sdl", "c.sdl", "sub", "sub/b.sdl"]
-    assert "3 converted, 0 skipped, 1 failed" in r.stdout and "ratio" in r.stdout
+    assert "3 converted, 0 skipped, 1 failed" in r.stdout and ":1 smaller)" in r.stdout
     with Image.open(out / "c.sdl") as im:
         assert im.format == "SDL" and im.mode == "RGBA" and im.size == (48, 40)
     # the same chunks as Image.save writes, the model-free preview included
@@ -226,7 +226,13 @@ def test_never_overwrites_an_input(tmp_path: Path, images: Path) -> None:
     # two inputs with one output name
     Image.new("RGB", (8, 8)).save(images / "c.jpg")
     jobs, errors = _plan([images / "c.png", images / "c.jpg"])
-    assert len(jobs) == 1 and "also the output of" in errors[0][1]
+    assert not jobs  # neither is converted, and both are reported, each naming the other
+    assert sorted(errors) == [
+        (str(images / "c.jpg"), f"output {(images / 'c.sdl').resolve()} is also the output of {images / 'c.png'}; "
+         "convert them separately"),
+        (str(images / "c.png"), f"output {(images / 'c.sdl').resolve()} is also the output of {images / 'c.jpg'}; "
+         "convert them separately"),
+    ]  # fmt: skip
 
 
 def test_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
@@ -272,3 +278,66 @@ def test_an_image_that_breaks_its_batch_fails_alone(tmp_path: Path, images: Path
     assert rc == 1 and "b.jpg: RuntimeError: out of memory" in captured.err
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.sdl")) == ["a.sdl", "c.sdl"]
     assert "2 converted, 0 skipped, 1 failed" in captured.out
+
+
+def _sdl_files(folder: Path, n: int) -> list[str]:
+    from pillow_sdlatent.core.settings import QuantSettings
+    from pillow_sdlatent.fuzzing import build_file
+
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"f{i}.sdl" for i in range(n)]
+    for i, path in enumerate(paths):
+        path.write_bytes(build_file(16, 16, "RGB", 4, QuantSettings("scalar", 16), i))
+    return [str(p) for p in paths]
+
+
+def test_info_into_a_closed_pipe_is_quiet(tmp_path: Path, env: dict[str, str]) -> None:
+    files = " ".join(_sdl_files(tmp_path / "many", 60))
+    r = subprocess.run(f"{sys.executable} -m pillow_sdlatent info {files} | head -1", shell=True, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.stdout.startswith(str(tmp_path)) and r.stdout.count("\n") == 1
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_output_file_with_several_inputs_is_a_usage_error(tmp_path: Path, images: Path, capsys) -> None:
+    existing = tmp_path / "x.sdl"
+    existing.write_bytes(b"keep")
+    assert cli.main(["convert", str(images / "a.png"), str(images / "c.png"), "-o", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"-o {existing} is an existing file" in err
+    assert existing.read_bytes() == b"keep"
+
+
+def test_summary_texts() -> None:
+    assert cli.summary(cli.Stats(), 0.4) == "sdlatent: 0 converted, 0 skipped, 0 failed"
+    decoded = cli.summary(cli.Stats(converted=2, bytes_in=2_000, bytes_out=100_000), 4.0)
+    assert (
+        decoded
+        == "sdlatent: 2 converted, 0 skipped, 0 failed in 4.0 s (0.50 images/s); 2.0 kB in, 100.0 kB out (50.0x larger)"
+    )
+    encoded = cli.summary(cli.Stats(converted=1, bytes_in=100_000, bytes_out=4_000), 1.0)
+    assert encoded.endswith("100.0 kB in, 4.0 kB out (25.0:1 smaller)")
+
+
+def test_each_error_is_printed_once(tmp_path: Path, images: Path, capsys) -> None:
+    assert cli.main(["convert", str(images / "broken.png"), "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("broken.png") == 1, captured.err
+    assert "0 converted, 0 skipped, 1 failed" in captured.out
+
+
+def test_interrupted_summary_goes_where_the_normal_one_does(tmp_path: Path, images: Path, monkeypatch,
+                                                            capsys) -> None:  # fmt: skip
+    def interrupted(self, jobs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Converter, "encode", interrupted)
+    assert cli.main(["convert", str(images / "a.png"), "-o", str(tmp_path / "out"), "--quiet"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith("sdlatent: 0 converted") and "interrupted" in captured.err
+
+
+def test_bench_help_names_no_issue() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rd.py"), "--help"], capture_output=True, text=True,
+                       timeout=60, check=True)  # fmt: skip
+    assert "issue" not in r.stdout.lower()

@@ -14,9 +14,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from benchmarks.fuzz import build_file, sealed, split_chunks
 from pillow_sdlatent.core.codec import decode_bytes
 from pillow_sdlatent.core.settings import QuantSettings
+from pillow_sdlatent.fuzzing import build_file, sealed, split_chunks
 
 META = {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00", "icc_profile": b"\x00\x01icc", "xmp": "<x:xmpmeta/>"}
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from benchmarks.fuzz import (
+from pillow_sdlatent.fuzzing import (
     MUTATORS,
     TARGETS,
     Crash,

@@ -307,3 +307,25 @@ def test_encoding_is_deterministic(tiny_kl_dir: Path) -> None:
     model = load_model(str(tiny_kl_dir), "cpu")
     x = _image()
     assert torch.equal(model.encode(x), model.encode(x))  # the posterior mean, never a sample
+
+
+def test_model_layer_has_no_import_cycles() -> None:
+    """Every import between the modules of models/ (function-level and TYPE_CHECKING ones included) goes one way."""
+    import ast
+
+    import pillow_sdlatent.models as pkg
+
+    folder = Path(pkg.__file__).parent
+    edges: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps = edges.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                deps.update(n.split(".")[0] for n in names if (folder / f"{n.split('.')[0]}.py").exists())
+    edges.pop("__init__")
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in edges.get(start, ()))
+
+    assert [m for m in edges if reaches(m, m, set())] == []

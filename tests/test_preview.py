@@ -137,12 +137,19 @@ def test_preview_for_every_mode(files: dict[str, bytes], crop: Image.Image, mode
         assert np.all(np.diff(col) > 0)
 
 
-def test_draft_larger_than_preview_keeps_full_size(files: dict[str, bytes], _taesd: None) -> None:
+@pytest.mark.parametrize("size", [(23, 14), (22, 15), (90, 60)])
+def test_draft_larger_than_twice_the_preview_keeps_full_size(files: dict[str, bytes], _taesd: None, size) -> None:
     im = Image.open(io.BytesIO(files["RGB"]))
-    assert im.draft("RGB", (12, 8)) is not None  # 90 // 12 = 7 < 8: JPEG's rule keeps scale 1
+    assert im.draft("RGB", size) == ("RGB", (0, 0, 90, 60))  # preview 11x7 (90 // 8, 60 // 8): 2x is 22x14
     assert im.size == (90, 60)
     im.load()
     assert im.size == (90, 60)
+
+
+def test_draft_up_to_twice_the_preview_gives_it(files: dict[str, bytes]) -> None:
+    im = Image.open(io.BytesIO(files["RGB"]))
+    assert im.draft("RGB", (22, 14)) == ("RGB", (0, 0, 11.25, 7.5))
+    assert im.size == (12, 8)
 
 
 def test_draft_only_once_and_only_before_load(files: dict[str, bytes], _taesd: None) -> None:
@@ -170,18 +177,22 @@ def test_thumbnail_uses_the_preview_without_the_model(files: dict[str, bytes], m
     monkeypatch.setenv("SDLATENT_MODEL", str(tmp_path / "no-such-model"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     im = Image.open(io.BytesIO(files["RGB"]))
-    im.thumbnail((3, 3))  # draft(None, (6, 6)): 90 // 6 and 60 // 6 >= 8, so the preview, then a resize
+    im.thumbnail((3, 3))  # draft(None, (6, 6)): within twice the 11x7 preview, so the preview, then a resize
     assert im.size == (3, 2)
+    im = Image.open(io.BytesIO(files["RGB"]))
+    im.thumbnail((11, 7))  # a thumbnail of 1/8 scale: draft(None, (22, 14)), still the preview
+    assert im.size == (10, 7)  # 90x60's aspect in 11x7
 
 
-def test_missing_model_error_points_to_the_preview(files: dict[str, bytes], monkeypatch, tmp_path) -> None:
-    monkeypatch.delenv("SDLATENT_MODEL", raising=False)
-    monkeypatch.delenv("SDLATENT_MODEL_PATH", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    from pillow_sdlatent.models import ModelNotFoundError, clear_cache
+def test_thumbnail_above_one_eighth_needs_the_model(files: dict[str, bytes], no_model: None) -> None:
+    im = Image.open(io.BytesIO(files["RGB"]))
+    with pytest.raises(FileNotFoundError, match=r"im\.thumbnail\(size\) for any size up to 11x7"):
+        im.thumbnail((12, 8))
 
-    clear_cache()  # a model loaded earlier in this process would be found by its id
+
+def test_missing_model_error_points_to_the_preview(files: dict[str, bytes], no_model: None) -> None:
+    from pillow_sdlatent import ModelNotFoundError
+
     im = Image.open(io.BytesIO(files["RGB"]))
     with pytest.raises(ModelNotFoundError, match=r"not available here.*preview.*im\.draft\('RGB', \(11, 7\)\)"):
         im.load()

@@ -178,3 +178,15 @@ def test_documented_parquet_recipe(cluster: str, tmp_path: Path, images: Path, t
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert {k: r["status"] for k, r in rows.items()} == {"a.png": "ok", "broken.png": "error", "sub/b.jpg": "ok"}
     assert rows["sub/b.jpg"]["sdl"] == _sdl_bytes(images / "sub" / "b.jpg", taesd_dir)
+
+
+def test_refined_files_are_coded_by_the_actor(cluster: str, images: Path, taesd_dir: Path) -> None:
+    """Refinement needs the model: the actor runs the rest of the encode path; still Image.save's bytes."""
+    rows = [{"path": "a.png", "bytes": (images / "a.png").read_bytes()}]
+    options = sdl_ray.EncodeOptions(model=str(taesd_dir), device="cpu", refine=1, quality=60)
+    (got,) = sdl_ray.encode_dataset(ray.data.from_items(rows), options, read_cpus=0.5).take_all()
+    buf = io.BytesIO()
+    with Image.open(images / "a.png") as im:
+        pillow_sdlatent.save(im, buf, model=str(taesd_dir), device="cpu", refine=1, quality=60)
+    assert got["status"] == "ok" and got["sdl"] == buf.getvalue()
+    assert got["sdl"] != _sdl_bytes(images / "a.png", taesd_dir)  # the options reached the workers

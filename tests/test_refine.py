@@ -146,7 +146,7 @@ def test_refine_with_other_methods_never_worse(taesd_dir: Path, kodak_crop: Imag
 def test_bad_step_counts_rejected_before_writing(taesd_dir: Path, kodak_crop: Image.Image, tmp_path: Path,
                                                  bad: object) -> None:  # fmt: skip
     target = tmp_path / "out.sdl"
-    with pytest.raises(ValueError, match="refine must be a number of steps"):
+    with pytest.raises(ValueError, match="refine must be a number of steps >= 0"):
         kodak_crop.save(target, model=str(taesd_dir), refine=bad)
     assert not target.exists() or target.stat().st_size == 0  # Pillow may have created it; nothing written
 

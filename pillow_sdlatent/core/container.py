@@ -18,24 +18,12 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..errors import FormatError, TruncatedError
+
 SIGNATURE = b"\x89SDL\r\n\x1a\n"
 
 #: Largest payload a reader accepts for one chunk (as PNG: 2**31 - 1).
 MAX_CHUNK_LENGTH = 2**31 - 1
-
-
-class FormatError(OSError, ValueError):
-    """The bytes are not a valid .sdl stream (corrupt, truncated or out of the spec's limits).
-
-    Both an ``OSError`` (what Pillow raises for broken image data) and a
-    ``ValueError`` (what a data parser raises), so either ``except`` catches it.
-    """
-
-
-class TruncatedError(FormatError):
-    """The stream ended before a complete chunk was read."""
-
-    partial: Chunk | None = None
 
 
 @dataclass(frozen=True)

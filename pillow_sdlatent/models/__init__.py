@@ -5,9 +5,10 @@ Importing this package imports torch; the plugin does so only on encode/decode.
 
 from __future__ import annotations
 
+from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder, fingerprint_tensors
-from .registry import ALIASES, DEFAULT_MODEL, ModelNotFoundError, clear_cache, default_spec, load_model
-from .resolve import ModelMismatchError, model_for_file
+from .registry import ALIASES, DEFAULT_MODEL, clear_cache, default_spec, load_model
+from .resolve import model_for_file
 
 __all__ = [
     "ALIASES",

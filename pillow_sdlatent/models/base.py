@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
+from ..errors import NonFiniteOutputError
+from .refine import refine_latents
 from .tiling import TilePlan, images_per_run, plan_tiles, run_tiled, tile_pixels
-
-
-class NonFiniteOutputError(RuntimeError):
-    """The autoencoder produced NaN or inf even in float32."""
 
 
 class Autoencoder(ABC):
@@ -62,13 +60,13 @@ class Autoencoder(ABC):
 
     def refine(self, images: torch.Tensor, latents: torch.Tensor, steps: int, **kwargs: Any) -> torch.Tensor:
         """``latents`` of ``images`` after ``steps`` gradient steps through the decoder (see :mod:`.refine`)."""
-        from .refine import refine_latents
-
         self._prepare()
         return refine_latents(self, images, latents, steps, **kwargs)
 
     #: The spec the registry loaded this model from (None when built directly).
     spec: str | None = None
+    #: The registry's float32 copy of this model (same spec and device), when the registry loaded it.
+    float32_loader: Callable[[], Autoencoder] | None = None
 
     @abstractmethod
     def float32_copy(self) -> Autoencoder:
@@ -160,10 +158,8 @@ class Autoencoder(ABC):
         )
 
     def _fp32_twin(self) -> Autoencoder:
-        if spec := getattr(self, "spec", None):  # the registry's float32 model: the original weights, shared
-            from .registry import load_model
-
-            return load_model(spec, self.device, torch.float32)
+        if self.float32_loader is not None:  # the registry's float32 model: the original weights, shared
+            return self.float32_loader()
         with _twin_lock:
             twin = self.__dict__.get("_twin")
             if twin is None:

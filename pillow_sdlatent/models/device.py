@@ -1,10 +1,10 @@
-"""Device and precision choice: CUDA, then MPS, then CPU; overridable by ``SDLATENT_DEVICE``."""
+"""Device and precision choice: CUDA, then MPS, then CPU, unless ``options.resolve("DEVICE")`` names one."""
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .. import options
 
 DTYPES = {
     "float32": torch.float32,
@@ -17,7 +17,7 @@ DTYPES = {
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    name = device or os.environ.get("SDLATENT_DEVICE") or "auto"
+    name = options.resolve("DEVICE", device) or "auto"
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -37,7 +37,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """float32 on the CPU; float16 on GPUs (bfloat16 where the GPU supports it) unless asked otherwise."""
-    name = dtype or os.environ.get("SDLATENT_DTYPE")
+    name = options.resolve("DTYPE", dtype)
     if isinstance(name, torch.dtype):
         return name
     if name:

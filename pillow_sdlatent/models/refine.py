@@ -39,12 +39,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .base import Autoencoder
+
+class Autoencoder(Protocol):
+    """What refinement needs of a :class:`.base.Autoencoder` (a protocol, so that base can import this module)."""
+
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    downscale: int
+
+    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def _tile_pixels(self, tile_size: int | None) -> int: ...
+
 
 #: Adam's learning rate (latent units; SD latents have a std of about 1) against the float decode.
 #: Measured on kodim01 with TAESD, 20 steps, then quantized at quality 60: 0.05 gave 22.29 dB at

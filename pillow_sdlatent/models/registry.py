@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from .. import options
+from ..errors import ModelNotFoundError
 from .base import Autoencoder
 from .device import pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
@@ -44,12 +48,15 @@ _locks: dict[tuple[str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The model a file or option names cannot be loaded here."""
+#: How to make a missing model available; said once at the end of every missing-model message.
+FIX = (
+    "Download it once with network access, or point options.MODEL / SDLATENT_MODEL (or model=...) at a local "
+    "diffusers or TAESD folder (e.g. ../shared/models/taesd)"
+)
 
 
 def default_spec() -> str:
-    return os.environ.get("SDLATENT_MODEL") or DEFAULT_MODEL
+    return options.resolve("MODEL") or DEFAULT_MODEL
 
 
 def load_model(
@@ -68,6 +75,7 @@ def load_model(
         if key not in _cache:
             model = _load_uncached(spec, dev, dt)
             model.spec = spec
+            model.float32_loader = partial(load_model, spec, dev, torch.float32)
             _cache[key] = model
         return _cache[key]
 
@@ -128,17 +136,20 @@ def _load_diffusers(
         import diffusers
 
         only_local = offline or local
-        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
-        cls = _vae_class(config)
-        vae = cls.from_pretrained(source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
+            cls = _vae_class(config)
+            vae = cls.from_pretrained(
+                source, subfolder=subfolder, local_files_only=only_local, torch_dtype=torch.float32
+            )
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
         where = "folder" if local else "Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "Hugging Face hub"
+        detail = str(exc).strip().rstrip(".")
         raise ModelNotFoundError(
-            f"model {model_id!r} could not be loaded from the {where}: {type(exc).__name__}: {exc}. "
-            f"Download it once with network access, or set SDLATENT_MODEL / pass model=... to a local "
-            f"diffusers or TAESD folder (e.g. ../shared/models/taesd)"
+            f"model {model_id!r} could not be loaded from the {where} ({type(exc).__name__}: {detail}). {FIX}"
         ) from exc
     return DiffusersAutoencoder(vae, model_id, device, dtype)
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from .. import options
 from ..core.header import FINGERPRINT_SIZE, Header
+from ..errors import ModelMismatchError, ModelNotFoundError
 from .base import Autoencoder
-from .registry import ALIASES, ModelNotFoundError, load_model, loaded_sources
-
-
-class ModelMismatchError(ValueError):
-    """The model at hand is not the one the file was written with."""
+from .registry import ALIASES, FIX, load_model, loaded_sources
 
 
 def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
@@ -22,14 +19,14 @@ def candidate_specs(model_id: str) -> list[tuple[str, bool]]:
 
     Models this process already loaded under that id first (a file saved with
     ``model=folder`` opens again without naming the folder), then
-    ``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
-    by the id under each directory of ``SDLATENT_MODEL_PATH``, then the id
+    ``options.MODEL``/``SDLATENT_MODEL`` (taken only if its id is the file's), then folders named
+    by the id under each directory of ``options.MODEL_PATH``/``SDLATENT_MODEL_PATH``, then the id
     itself as an alias, hub id or path.
     """
     specs = [(spec, True) for spec in loaded_sources(model_id)]
-    if env := os.environ.get("SDLATENT_MODEL"):
-        specs.append((env, True))
-    for root in filter(None, os.environ.get("SDLATENT_MODEL_PATH", "").split(os.pathsep)):
+    if spec := options.resolve("MODEL"):
+        specs.append((spec, True))
+    for root in options.resolve("MODEL_PATH"):
         folder = Path(root).expanduser() / model_id
         if folder.exists():
             specs.append((str(folder), False))
@@ -56,7 +53,7 @@ def model_for_file(
         try:
             model = load_model(spec, device, dtype)
         except (ModelNotFoundError, FileNotFoundError) as exc:
-            tried.append(f"{spec}: {exc}")
+            tried.append(f"{spec}: {str(exc).replace(FIX, '').strip().rstrip('.')}")
             continue
         if model.model_id == header.model_id or not must_match:
             _check(header, model, spec, allow_mismatch or unknown)
@@ -68,7 +65,7 @@ def model_for_file(
     raise ModelNotFoundError(
         f"model {header.model_id!r}{hint} that this file was written with is not available here. Tried: "
         + "; ".join(tried)
-        + ". Point SDLATENT_MODEL (or SDLATENT_MODEL_PATH, folders holding it) at it, or pass model=..."
+        + f". {FIX}; or add a folder holding it under its id to options.MODEL_PATH / SDLATENT_MODEL_PATH"
     )
 
 

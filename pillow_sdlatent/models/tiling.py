@@ -21,11 +21,12 @@ the untiled path.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .. import options
 
 #: Overlap between neighbouring tiles, in latents (at most a quarter of the tile). The nets see about
 #: +-15 latents (TAESD's receptive field); 16 keeps tiled TAESD within ~0.1 dB of untiled on Kodak.
@@ -158,16 +159,10 @@ def budget_bytes(device: torch.device) -> int:
 
 
 def tile_pixels(model_bytes_per_pixel: float, device: torch.device, tile_size: int | None = None) -> int:
-    """Most image pixels per tile: ``tile_size**2`` when given (0: never tile), else
-    ``SDLATENT_TILE_SIZE``, ``options.TILE_SIZE``, else the device's activation budget over
-    the model's bytes per pixel."""
-    if tile_size is None:
-        from .. import options
-
-        env = os.environ.get("SDLATENT_TILE_SIZE")
-        tile_size = options.TILE_SIZE if options.TILE_SIZE is not None or not env else int(env)
+    """Most image pixels per tile: the square of ``options.resolve("TILE_SIZE", tile_size)``
+    (the argument, ``options.TILE_SIZE``, then ``SDLATENT_TILE_SIZE``; 0: never tile), else the
+    device's activation budget over the model's bytes per pixel."""
+    tile_size = options.resolve("TILE_SIZE", tile_size)
     if tile_size is not None:
-        if tile_size < 0:
-            raise ValueError(f"tile_size must be 0 (never tile) or a side in pixels, got {tile_size}")
         return tile_size * tile_size
     return int(budget_bytes(device) // model_bytes_per_pixel)
