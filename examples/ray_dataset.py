@@ -6,9 +6,10 @@
     python examples/ray_dataset.py parquet s3://bucket/laion/part-*.parquet s3://bucket/laion-sdl/ \\
         --bytes-column jpg --key-column key
 
-Run it on the head node of a running cluster (``ray start --head`` there, ``ray start --address=HEAD:6379``
-on each worker; every node with the same Python environment, pillow-sdlatent[ray] and the model), or
-anywhere with ``--address ray://HEAD:10001``. Without a cluster it starts a local one. See docs/dataset.md.
+Run it with ``--address auto`` on the head node of a running cluster (``ray start --head`` there, ``ray start
+--address=HEAD:6379`` on each worker; every node with the same Python environment, pillow-sdlatent[ray] and
+the model), or anywhere with ``--address ray://HEAD:10001``. Without an address it takes RAY_ADDRESS, else
+the cluster ``ray start`` started on this machine, else it starts a local Ray. See docs/dataset.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["files", "parquet"])
     parser.add_argument("src", help="folder (files) or Parquet path/glob/URI (parquet)")
     parser.add_argument("out", help="output folder (files: on storage every node mounts) or Parquet URI")
-    parser.add_argument("--address", help="cluster address (default: RAY_ADDRESS, else the running or a new one)")
+    parser.add_argument("--address", help="cluster address: auto, HOST:6379, ray://HOST:10001 (default: as ray.init: "
+                        "RAY_ADDRESS, else this machine's cluster, else a new local Ray)")  # fmt: skip
     parser.add_argument("--model", help="model spec, resolved on the driver (default: SDLATENT_MODEL, the SD VAE)")
     parser.add_argument("--quality", type=int)
     parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU of the cluster)")

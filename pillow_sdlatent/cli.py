@@ -548,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="local",
         metavar="ADDRESS",
-        help="encode on Ray Data: a new local cluster (or RAY_ADDRESS), or the cluster at ADDRESS "
-        "(auto, ray://host:10001); --batch-size is then images per actor call, each with a "
+        help="encode on Ray Data: RAY_ADDRESS, else the cluster 'ray start' started here, else a new local one; "
+        "or the cluster at ADDRESS (auto, ray://host:10001); --batch-size is then images per actor call, each with a "
         "forward pass of its own (the bytes of Image.save); outputs that read back are skipped. Give it after "
         "the sources or as --ray=ADDRESS, else it takes the first source for an address",
     )

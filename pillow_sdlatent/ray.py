@@ -487,7 +487,7 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
     options = EncodeOptions(model=args.model, device=args.device, quality=args.quality, method=args.method,
                             refine=args.refine, preview=not args.no_preview)  # fmt: skip
     start = time.perf_counter()
-    address = None if args.ray == "local" else args.ray  # None: RAY_ADDRESS if set, else a new local cluster
+    address = None if args.ray == "local" else args.ray  # None: RAY_ADDRESS, this machine's cluster, or a new one
     connected = ray.is_initialized()  # called from a program that has its cluster: use it, leave it up
     if not connected:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING" if args.quiet else "INFO")
