@@ -2,7 +2,7 @@
 
     python benchmarks/ray_convert.py                          # Kodak (24 images, 768x512), TAESD, the CPU
     python benchmarks/ray_convert.py --images 8 --actors 1    # a quick look
-    python benchmarks/ray_convert.py --device cuda --model sd-vae --actors 1 2 4 --images 2000 --src DIR
+    python benchmarks/ray_convert.py --device cuda --model sd --actors 1 2 4 --images 2000 --src DIR
 
 Needs the ``[ray]`` extra. Every configuration converts the same files into a fresh folder with the same
 model, device and options; the time is the whole conversion (model loading, reading, encoding, writing),
@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24, help="how many of its images (24)")
     parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "taesd"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="Ray actor counts (1 2)")
+    parser.add_argument("--actors", type=int, nargs="*", default=[1, 2], help="Ray actor counts (1 2; none: no Ray)")
+    parser.add_argument("--single-threads", type=int, nargs="*", default=[],
+                        help="also the single process with these torch thread counts (default: none)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4, help="rows per actor call (4)")
     parser.add_argument("--forward-batch", type=int, default=4,
                         help="also one actor with this many images per forward pass (4; 0: not)")  # fmt: skip
@@ -116,14 +118,26 @@ def main() -> None:
         ref = work / "single"
         best = min(single_process(files, ref, args) for _ in range(args.repeat))
         rows.append({"config": f"single process ({torch.get_num_threads()} torch threads)", "seconds": best})
-        t0 = time.perf_counter()
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        start_up = time.perf_counter() - t0
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        default_threads = torch.get_num_threads()
+        for n in args.single_threads:
+            torch.set_num_threads(n)
+            out = work / f"single{n}"
+            best = min(single_process(files, out, args) for _ in range(args.repeat))
+            same = sum((out / f.name).read_bytes() == f.read_bytes() for f in sorted(ref.glob("*.sdl")))
+            rows.append({"config": f"single process ({n} torch thread{'s' * (n > 1)})", "seconds": best,
+                         "identical": f"{same}/{len(files)}"})  # fmt: skip
+        torch.set_num_threads(default_threads)
+        start_up = 0.0
+        if args.actors:
+            t0 = time.perf_counter()
+            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            start_up = time.perf_counter() - t0
+            ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             from pillow_sdlatent import ray as sdl_ray
 
-            runs = [(n, 1) for n in args.actors] + ([(1, args.forward_batch)] if args.forward_batch > 1 else [])
+            runs = [(n, 1) for n in args.actors]
+            runs += [(1, args.forward_batch)] if args.actors and args.forward_batch > 1 else []
             for n, fb in runs:
                 res = sdl_ray.actor_resources(n)
                 out = work / f"ray{n}-{fb}"
@@ -134,7 +148,8 @@ def main() -> None:
                 rows.append({"config": f"Ray, {n} actor{'s' * (n > 1)} ({kind} each{batched})", "seconds": best,
                              "identical": f"{same}/{len(files)}"})  # fmt: skip
         finally:
-            ray.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
