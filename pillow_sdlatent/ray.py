@@ -298,8 +298,8 @@ def encode_dataset(
     ``num_gpus`` GPUs (1 on a GPU cluster; 0: CPU actors) and ``num_cpus`` CPUs (torch threads of a CPU
     actor); images are decoded, and latents coded, by Ray tasks of ``read_cpus`` CPUs. ``forward_batch``
     equal-size images share a forward pass: 1 (the default) gives ``Image.save``'s bytes exactly; more is
-    faster on GPUs, but batched passes round the last float bits differently, so the files differ from
-    ``Image.save``'s (they are as valid and as good). An actor that dies (a node lost, the OOM killer) is
+    faster on GPUs, but batched passes may round the last float bits differently, so the files may differ
+    from ``Image.save``'s (they are as valid and as good). An actor that dies (a node lost, the OOM killer) is
     replaced and its batches retried: Ray Data's default for actor pools (``max_restarts=-1``,
     ``max_task_retries=-1``).
     """
