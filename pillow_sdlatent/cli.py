@@ -473,6 +473,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sdlatent convert: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.ray is not None:  # the same jobs, encoded on a Ray cluster
+        try:
+            from .ray import cli_convert
+        except ImportError as exc:
+            print(f"sdlatent convert: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return cli_convert(args, jobs, errors)
     from tqdm import tqdm
 
     stats = Stats()
@@ -564,6 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-preview", action="store_true", help="leave out the model-free preview chunk (prVw)")
     conv.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     conv.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray_opts = conv.add_argument_group("Ray (extra [ray]; see docs/dataset.md)")
+    ray_opts.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="encode on Ray Data: RAY_ADDRESS, else the cluster 'ray start' started here, else a new local one; "
+        "or the cluster at ADDRESS (auto, ray://host:10001); --batch-size is then images per actor call, each with a "
+        "forward pass of its own (the bytes of Image.save); outputs that read back are skipped. Give it after "
+        "the sources or as --ray=ADDRESS, else it takes the first source for an address",
+    )
+    ray_opts.add_argument("--actors", type=int, metavar="N", help="encoder actors (default: one per GPU, else 1)")
+    ray_opts.add_argument("--report", metavar="FILE", help="a JSON-lines table of every input: path, output, "
+                          "status, error, bytes, seconds")  # fmt: skip
     conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="show .sdl headers (no model, no torch), or --system")
