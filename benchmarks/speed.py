@@ -1,9 +1,25 @@
-"""Encode/decode time, achieved TFLOP/s and peak memory: the SD VAE architecture and TAESD.
+"""Encode/decode speed of each backend and precision, and the memory table: the SD VAE architecture and TAESD.
 
-    python benchmarks/speed.py                    # CPU table (about an hour on 2 cores; --quick: minutes)
-    python benchmarks/speed.py --device cuda      # GPU table: 512..4096 px, batch 1 and 8, fp16 and bf16
-    python benchmarks/speed.py --only taesd --sizes 2048 8192 --ops decode
+    python benchmarks/speed.py                    # backend x precision x model table, and the codecs' decode row
+    python benchmarks/speed.py --only taesd --repeat 5 --kodak 24
+    python benchmarks/speed.py --memory           # CPU memory table (about an hour on 2 cores; --quick: minutes)
+    python benchmarks/speed.py --memory --device cuda   # GPU table: 512..4096 px, batch 1 and 8, fp16 and bf16
+    python benchmarks/speed.py --memory --only taesd --sizes 2048 8192 --ops decode
     python benchmarks/speed.py --tiling-psnr 256 384   # TAESD on Kodak, tiled vs untiled (a few minutes)
+
+The default table (:func:`backend_table`) runs every (backend, precision) of :data:`VARIANTS` side by side in
+one process through ``load_model(spec, "cpu", precision, backend)``: one warm-up each (OpenVINO converts
+and compiles there), then ``--repeat`` rounds timing every variant once in a rotating order; "ms/image" is
+the median, "x portable fp32" the median of the per-round ratios to torch float32. "PSNR change" (TAESD,
+``--kodak`` Kodak images at 768x512): decode rows decode the portable encoder's files, the change of their
+PSNR against the original from the portable decode's; encode rows write files at the default quality,
+decoded by the portable path ("file size": against the portable encoder's file). "% peak": the rows' conv
+and matmul FLOPs (counted as direct convolutions: OpenVINO's Winograd kernels do fewer) per second against
+float32 and bfloat16 GEMMs (:func:`gemm_probes`) timed in the same round at that thread count (the median
+over the rounds), so other processes sharing the cores slow both alike. The SD VAE has random weights (no
+download): speed only.
+
+The memory table (``--memory``):
 
 The SD VAE is ``stabilityai/sd-vae-ft-mse``'s architecture (its real config,
 34M encoder + 49M decoder parameters) with random weights: speed and memory
@@ -26,6 +42,7 @@ on the CPU); the first run is the one whose memory is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -341,6 +358,324 @@ def tiling_psnr(tile_sizes: list[int], threads: int) -> None:
               f"{statistics.fmean(c for _, _, c, _ in r):.1f} |")  # fmt: skip
 
 
+# --- backend x precision table (the default mode) ------------------------------------------------
+
+#: (backend, precision) rows; the first is the portable path every ratio is paired against.
+VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16"))
+#: (model, image size (width, height), threads) of the table: the issue's figures (TAESD at 768x512 on one
+#: core, the SD VAE at 512² on two).
+BACKEND_CASES = (("taesd", (768, 512), 1), ("sd", (512, 512), 2))
+KODAK = ROOT.parent / "shared" / "data" / "kodak"
+
+
+@dataclass
+class VariantRow:
+    model: str
+    op: str
+    size: tuple[int, int]
+    threads: int
+    backend: str
+    precision: str
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # paired: portable fp32 time / this time, per repetition
+    psnr_change: list[float] = field(default_factory=list)  # dB, against the portable fp32 path, per image
+    psnr_vs_fp32: list[float] = field(default_factory=list)  # dB between this path's pixels and fp32's
+    size_change: list[float] = field(default_factory=list)  # encode: file size / the fp32 file's - 1
+    peaks: dict[str, list[float]] = field(default_factory=dict)  # GEMM FLOP/s per precision, per round
+    flops: float = 0.0
+    error: str | None = None
+
+
+def _sd_folder() -> Path:
+    """The SD VAE architecture with random weights as a diffusers folder (loaded through the package)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    folder = Path(tempfile.gettempdir()) / "sdlatent-speed-sd-vae-random"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(folder)
+    return folder
+
+
+def _spec(model: str) -> str:
+    return str(TAESD if model == "taesd" else _sd_folder())
+
+
+def _load_variants(model: str) -> dict[tuple[str, str], object]:
+    from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.models.device import openvino_installed
+
+    out: dict[tuple[str, str], object] = {}
+    for backend, precision in VARIANTS:
+        if backend == "openvino" and not openvino_installed():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[backend, precision] = load_model(_spec(model), "cpu", precision, backend)
+    return out
+
+
+def _psnr_u8(a, b) -> float:  # numpy uint8 arrays
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def _quality(models: dict, n_images: int) -> dict[tuple[str, str, str], dict[str, list[float]]]:
+    """TAESD on Kodak through the package: decode rows decode the portable encoder's files; encode rows write
+    files (default quality), compared in size and in round trip (decoded by the portable path) with fp32's."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pillow_sdlatent.core.container import write_chunks
+    from pillow_sdlatent.core.settings import settings_for
+    from pillow_sdlatent.latents import read_latent_file
+    from pillow_sdlatent.pipeline import decode_rgb, encode_image
+
+    base = models[VARIANTS[0]]
+    settings = settings_for(None, "auto", base.latent_channels)
+    out: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for path in sorted(KODAK.glob("kodim*.png"))[:n_images]:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        src = np.asarray(im)
+        files = {}
+        for key, model in models.items():
+            buf = io.BytesIO()
+            write_chunks(buf, encode_image(im, settings, model, preview=False))
+            files[key] = buf.getvalue()
+        lf = read_latent_file(io.BytesIO(files[VARIANTS[0]]))
+        pixels = {key: decode_rgb(lf, model) for key, model in models.items()}
+        trips = {key: decode_rgb(read_latent_file(io.BytesIO(b)), base) for key, b in files.items()}
+        for key in models:
+            d = out.setdefault(("decode", *key), {"change": [], "vs": [], "size": []})
+            d["change"].append(_psnr_u8(src, pixels[key]) - _psnr_u8(src, pixels[VARIANTS[0]]))
+            d["vs"].append(_psnr_u8(pixels[key], pixels[VARIANTS[0]]))
+            e = out.setdefault(("encode", *key), {"change": [], "vs": [], "size": []})
+            e["change"].append(_psnr_u8(src, trips[key]) - _psnr_u8(src, trips[VARIANTS[0]]))
+            e["vs"].append(_psnr_u8(trips[key], trips[VARIANTS[0]]))
+            e["size"].append(len(files[key]) / len(files[VARIANTS[0]]) - 1)
+    return out
+
+
+def _inputs(model: str, op: str, size: tuple[int, int], base) -> torch.Tensor:
+    """A Kodak image (TAESD) or noise (the random-weight SD VAE) of ``size``; latents: the portable encoder's."""
+    import numpy as np
+    from PIL import Image
+
+    from pillow_sdlatent.pipeline import to_tensor
+
+    w, h = size
+    paths = sorted(KODAK.glob("kodim*.png"))
+    if model == "taesd" and paths:
+        with Image.open(paths[min(22, len(paths) - 1)]) as im:  # kodim23, the issue's image
+            x = to_tensor(np.asarray(im.convert("RGB").resize((w, h))), base.downscale)
+    else:
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    return x if op == "encode" else base.encode(x)
+
+
+def gemm_probes(dtype: torch.dtype) -> list[tuple[float, object]]:
+    """(FLOPs, callable) of convolutions oneDNN runs at its best here, the engine's peak in practice: a 1x1
+    convolution, 1024 channels on 32x32 (a 1024x1024x1024 GEMM), and a 3x3 one, 64 channels on 128x128 (the
+    implicit GEMM of TAESD's layers); on this machine the 3x3 one is the faster in float32, by 1.4x."""
+    probes = []
+    for c, k, hw in ((1024, 1, 32), (64, 3, 128)):
+        conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False).requires_grad_(False)
+        conv = conv.to(dtype, memory_format=torch.channels_last)
+        x = torch.randn(1, c, hw, hw).to(dtype, memory_format=torch.channels_last)
+
+        def run(conv: torch.nn.Module = conv, x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                conv(x)
+
+        probes.append((2.0 * c * c * k * k * hw * hw, run))
+    return probes
+
+
+def time_variants(model: str, size: tuple[int, int], threads: int, ops: list[str], repeat: int,
+                  n_quality: int) -> list[VariantRow]:  # fmt: skip
+    """Every variant of ``model`` timed side by side: warm-up (OpenVINO compiles), then ``repeat`` rounds,
+    each timing every variant once, in an order that rotates; ratios are paired within a round."""
+    from pillow_sdlatent.models import clear_cache
+
+    clear_cache()
+    torch.set_num_threads(threads)
+    models = _load_variants(model)
+    base = models[VARIANTS[0]]
+    quality = _quality(models, n_quality) if model == "taesd" and n_quality and KODAK.is_dir() else {}
+    rows = []
+    for op in ops:
+        x = _inputs(model, op, size, base)
+        flops = count_flops(base, op, [tuple(x.shape)])
+        run = {key: (m.encode if op == "encode" else m.decode) for key, m in models.items()}
+        group = {key: VariantRow(model, op, size, threads, *key, flops=flops) for key in models}
+        for key, fn in run.items():
+            try:
+                fn(x)  # warm-up: OpenVINO converts and compiles, oneDNN picks its kernels
+            except Exception as exc:  # a backend that cannot run this model: reported, not fatal
+                group[key].error = f"{type(exc).__name__}: {exc}"[:120]
+        keys = [k for k in models if group[k].error is None]
+        probes = {p: gemm_probes(getattr(torch, p)) for p in ("float32", "bfloat16")}
+        for r in range(repeat):
+            for p, pairs in probes.items():  # the peak, under the same load as this round's rows
+                best = 0.0
+                for gemm_flops, fn in pairs:
+                    fn()
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        fn()
+                        best = max(best, gemm_flops / (time.perf_counter() - t0))
+                for key in keys:
+                    group[key].peaks.setdefault(p, []).append(best)
+            times = {}
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                t0 = time.perf_counter()
+                run[key](x)
+                times[key] = time.perf_counter() - t0
+            for key in keys:
+                group[key].seconds.append(times[key])
+                group[key].ratios.append(times[VARIANTS[0]] / times[key])
+        for key, row_ in group.items():
+            q = quality.get((op, *key), {})
+            row_.psnr_change, row_.psnr_vs_fp32 = q.get("change", []), q.get("vs", [])
+            row_.size_change = q.get("size", [])
+        rows += group.values()
+    clear_cache()
+    return rows
+
+
+def _span(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if lo == hi or format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}..{hi:{fmt}}"
+
+
+def variant_line(r: VariantRow) -> str:
+    head = f"| {r.model} | {r.op} | {r.size[0]}x{r.size[1]} | {r.threads} | {r.backend} | {r.precision} |"
+    if r.error:
+        return f"{head} error: {r.error} | | | | | | |"
+    ms = statistics.median(r.seconds) * 1e3
+    fractions = {p: statistics.median(r.flops / t / peak for t, peak in zip(r.seconds, v, strict=True))
+                 for p, v in r.peaks.items()}  # fmt: skip
+    finite = [v for v in r.psnr_vs_fp32 if math.isfinite(v)]
+    vs = _span(finite, ".1f") if finite else ("identical" if r.psnr_vs_fp32 else "-")
+    size = _span([100 * v for v in r.size_change], "+.2f") + "%" if r.size_change else "-"
+    fp32, bf16 = fractions["float32"], fractions["bfloat16"]
+    return (f"{head} {ms:,.0f} | {statistics.median(r.ratios):.2f}x | {_span(r.psnr_change, '+.3f')} | {vs} | "
+            f"{size} | {fp32:.0%} | {bf16:.0%} |")  # fmt: skip
+
+
+def codec_decode_row(repeat: int) -> str:
+    """kodim23 in JPEG, WebP, AVIF and JPEG XL at the bit rate of its .sdl file (TAESD, default quality),
+    each decoded with ``Image.open(bytes).load()``; and the .sdl file itself, portable and as chosen here."""
+    import io
+
+    from PIL import Image
+
+    import pillow_sdlatent  # registers .sdl
+    from pillow_sdlatent import options
+
+    with contextlib.suppress(ImportError):
+        import pillow_jxl  # noqa: F401  (registers JPEG XL)
+    path = KODAK / "kodim23.png"
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    pixels = im.width * im.height
+    torch.set_num_threads(1)
+    buf = io.BytesIO()
+    options.BACKEND = "torch"
+    im.save(buf, "SDL", model=str(TAESD), device="cpu", preview=False)
+    sdl = buf.getvalue()
+    target = len(sdl) * 8 / pixels
+
+    def at_quality(fmt: str, q: int) -> bytes:
+        b = io.BytesIO()
+        im.save(b, fmt, quality=q)
+        return b.getvalue()
+
+    def closest(fmt: str) -> bytes:
+        lo, hi = 1, 95
+        while hi - lo > 1:  # sizes grow with quality
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if len(at_quality(fmt, mid)) * 8 / pixels < target else (lo, mid)
+        return min((at_quality(fmt, q) for q in (lo, hi)), key=lambda b: abs(len(b) * 8 / pixels - target))
+
+    def decode_ms(data: bytes, n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with Image.open(io.BytesIO(data)) as d:
+                d.load()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:] if n > 1 else times) * 1e3
+
+    cells = []
+    for name, fmt in (("JPEG", "JPEG"), ("WebP", "WEBP"), ("AVIF", "AVIF"), ("JPEG XL", "JXL")):
+        try:
+            data = closest(fmt)
+        except (KeyError, OSError, ValueError) as exc:
+            cells.append(f"{name}: not available ({type(exc).__name__})")
+            continue
+        cells.append(f"{name} {decode_ms(data, 20):.1f} ms ({len(data) * 8 / pixels:.3f} bpp)")
+    for backend, label in (("torch", "portable fp32"), (None, "as chosen here")):
+        options.BACKEND = backend
+        decode_ms(sdl, 1)  # loads (and for OpenVINO, compiles) once
+        cells.append(f".sdl TAESD {label} {decode_ms(sdl, max(3, repeat)):,.0f} ms ({target:.3f} bpp)")
+    options.BACKEND = None
+    assert pillow_sdlatent
+    return "| kodim23 768x512, Image.open(bytes).load(), 1 thread | " + " | ".join(cells) + " |"
+
+
+def backend_table(args: argparse.Namespace) -> None:
+    from pillow_sdlatent.models.device import describe_system
+
+    system = describe_system("cpu")
+    load = _load()
+    cases = [c for c in BACKEND_CASES if not args.only or c[0] in args.only]
+    if args.threads:
+        cases = [(m, size, args.threads) for m, size, _ in cases]
+    rows = [r for model, size, t in cases for r in time_variants(model, size, t, args.ops, args.repeat, args.kodak)]
+    print(f"{machine_name(torch.device('cpu'))}; torch {torch.__version__}; OpenVINO {system['openvino']}; "
+          f"AMX: {system['amx']}; torch CPU capability {system['cpu_capability']}; at the start {load}")  # fmt: skip
+    seen: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        for p, v in r.peaks.items():
+            seen.setdefault((p, r.threads), []).extend(v)
+    print("GEMM peaks (oneDNN's best of a 1x1 and a 3x3 conv, timed in every round beside the rows; median): "
+          + ", ".join(
+        f"{p} {t} thread{'s' * (t > 1)} {statistics.median(v) / 1e9:,.0f} GFLOP/s" for (p, t), v in seen.items()))
+    print(f"Chosen here: {system['backend']} ({system['backend_reason']}), {system['precision']} "
+          f"({system['precision_reason']})")  # fmt: skip
+    print()
+    print("| model | op | size | threads | backend | precision | ms/image | x portable fp32 | PSNR change dB | "
+          "vs fp32 dB | file size | % fp32 peak | % bf16 peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(variant_line(r))
+    if not args.no_codecs and KODAK.is_dir() and TAESD.is_dir():
+        print()
+        print("| image | JPEG | WebP | AVIF | JPEG XL | .sdl portable | .sdl as chosen here |")
+        print("|---|---|---|---|---|---|---|")
+        print(codec_decode_row(args.repeat), flush=True)
+    print(f"\nAt the end: {_load()}.")
+
+
+def _load() -> str:
+    """The machine's load average: other processes share the cores the figures assume."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} logical CPUs"
+
+
 # --- table ----------------------------------------------------------------------------------------
 
 GIB = 2**30
@@ -418,7 +753,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", nargs="*")
     ap.add_argument("--tile", type=int, default=None, help="tile side in pixels (0: never tile; default: auto)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="threads (default: the table's per model; --memory: 2)")
+    ap.add_argument("--memory", action="store_true", help="the memory and FLOP table of each configuration instead")
+    ap.add_argument("--kodak", type=int, default=3, help="Kodak images for the PSNR columns (0: none)")
+    ap.add_argument("--no-codecs", action="store_true", help="leave out the JPEG/WebP/AVIF/JPEG XL decode row")
     ap.add_argument("--quick", action="store_true", help="the smallest sizes only")
     ap.add_argument(
         "--tiling-psnr",
@@ -430,11 +768,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tiling_psnr is not None:
-        tiling_psnr(args.tiling_psnr or [256, 384], args.threads)
+        tiling_psnr(args.tiling_psnr or [256, 384], args.threads or 2)
         return
     if args.worker:
         print(json.dumps(asdict(run_config(Config(**json.loads(args.worker))))))
         return
+    if not args.memory:
+        backend_table(args)
+        return
+    args.threads = args.threads or 2
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

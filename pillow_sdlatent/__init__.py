@@ -34,7 +34,7 @@ def open(
     fp: str | os.PathLike | IO[bytes],
     *,
     model: str | None = None,
-    allow_model_mismatch: bool = False,
+    allow_model_mismatch: bool | None = None,
     device: str | None = None,
     denoise: float | None = None,
     denoise_model: str | None = None,
@@ -43,7 +43,8 @@ def open(
 
     model: decode with this model spec instead of the one the file names (its
         weights must still match the file's fingerprint).
-    allow_model_mismatch: decode even with weights that differ from the file's.
+    allow_model_mismatch: decode even with weights that differ from the file's (default
+        ``options.ALLOW_MODEL_MISMATCH``, else False).
     device: ``"cpu"``, ``"cuda"``, ... (default: ``options.DEVICE``, then auto).
     denoise: diffusion denoising strength before decoding, e.g. 0.04 (default
         ``options.DENOISE``, 0 = off). Generative: it may alter content.

@@ -37,6 +37,7 @@ import torch
 from . import options
 from .errors import UNetNotFoundError
 from .models.device import pick_device, pick_dtype
+from .models.registry import quiet_hub
 
 DEFAULT_UNET = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 EMBEDDING_FILE = "empty_prompt_embedding.safetensors"
@@ -104,6 +105,7 @@ def load_denoiser(spec: str | Path | None = None, device: str | None = None, dty
         return _cache[key]
 
 
+@quiet_hub()
 def _load(spec: str, device: torch.device, dtype: torch.dtype) -> Denoiser:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 

@@ -16,7 +16,8 @@ MODEL_PATH             SDLATENT_MODEL_PATH          none (folders, ``os.pathsep`
 DECODE_MODEL           (none)                       the model the file names
 ALLOW_MODEL_MISMATCH   (none)                       False
 DEVICE                 SDLATENT_DEVICE              ``auto``: cuda > mps > cpu
-DTYPE                  SDLATENT_DTYPE               float32 on the CPU, bfloat16/float16 on GPUs
+DTYPE                  SDLATENT_DTYPE               bfloat16 on CPUs with AMX, else float32; GPUs bfloat16/float16
+BACKEND                SDLATENT_BACKEND             ``auto``: OpenVINO on the CPU when installed, else torch
 TILE_SIZE              SDLATENT_TILE_SIZE           chosen from the model and the device
 REFINE                 SDLATENT_REFINE              0
 DENOISE                SDLATENT_DENOISE             0.0
@@ -55,7 +56,8 @@ ALLOW_MODEL_MISMATCH: bool | None = None
 #: Device for encoding and decoding: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
 DEVICE: str | None = None
 
-#: Precision: ``float32``, ``float16``, ``bfloat16`` (None: float32 on the CPU, bfloat16/float16 on GPUs).
+#: Precision: ``float32``, ``float16``, ``bfloat16`` (None: bfloat16 on CPUs with AMX, float32 on other CPUs,
+#: bfloat16/float16 on GPUs; bfloat16 on the CPU is an autocast over float32 weights). See docs/speed.md.
 DTYPE: str | None = None
 
 #: Tile side in pixels for encoding and decoding large images in overlapping, blended tiles
@@ -86,6 +88,11 @@ ALLOW_DOWNLOAD: bool | None = None
 #: ``MAX_IMAGE_PIXELS`` (which still applies) is too loose on its own. 64 M passes photos up to about
 #: 60 Mpx; 0 turns the budget off. Over it, ``Image.open`` raises :class:`~pillow_sdlatent.DecodeBudgetError`.
 DECODE_BUDGET: int | None = None
+
+#: What runs the models: ``torch``, ``openvino`` (CPU only; the ``[openvino]`` extra) or ``auto`` (None: auto,
+#: OpenVINO on the CPU when installed, torch elsewhere). The precision is :data:`DTYPE`'s whichever runs.
+#: ``sdlatent info --system`` shows the choice and why. See docs/speed.md.
+BACKEND: str | None = None
 
 
 def _parse(kind: str, value: Any, from_env: bool) -> Any:
@@ -153,6 +160,7 @@ SETTINGS: dict[str, tuple[str | None, str, Any]] = {
     "DENOISE_MODEL": ("SDLATENT_DENOISE_MODEL", "text", None),
     "ALLOW_DOWNLOAD": ("SDLATENT_ALLOW_DOWNLOAD", "flag", False),
     "DECODE_BUDGET": ("SDLATENT_DECODE_BUDGET", "count", 64_000_000),
+    "BACKEND": ("SDLATENT_BACKEND", "text", None),
 }
 
 

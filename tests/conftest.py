@@ -22,6 +22,12 @@ def _find_shared() -> Path:
     return root.parent / "shared"
 
 
+#: The suite runs the models in torch, at the precision each test names, whatever this machine would choose:
+#: results then do not depend on whether the [openvino] extra is installed or the CPU has AMX. The choices
+#: themselves, and the OpenVINO backend, are tested in test_speed_paths.py.
+os.environ["SDLATENT_BACKEND"] = "torch"
+os.environ.setdefault("SDLATENT_DTYPE", "float32")
+
 SHARED = _find_shared()
 KODAK = SHARED / "data" / "kodak"
 MODELS = SHARED / "models"

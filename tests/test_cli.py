@@ -273,7 +273,7 @@ def test_an_image_that_breaks_its_batch_fails_alone(tmp_path: Path, images: Path
         rgb_b = np.asarray(im.convert("RGB"))
     monkeypatch.setattr(pipeline, "encode_batch", flaky)
     (images / "broken.png").unlink()
-    rc = cli.main(["convert", str(images), "-o", str(tmp_path / "out"), "--quiet"])
+    rc = cli.main(["convert", str(images), "-o", str(tmp_path / "out"), "--quiet", "--batch-size", "8"])
     captured = capsys.readouterr()
     assert rc == 1 and "b.jpg: RuntimeError: out of memory" in captured.err
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.sdl")) == ["a.sdl", "c.sdl"]
@@ -341,3 +341,35 @@ def test_bench_help_names_no_issue() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rd.py"), "--help"], capture_output=True, text=True,
                        timeout=60, check=True)  # fmt: skip
     assert "issue" not in r.stdout.lower()
+
+
+def test_cpu_batch_defaults_to_one_and_the_option_still_batches(tmp_path: Path, images: Path, monkeypatch) -> None:
+    from pillow_sdlatent import pipeline
+
+    real, sizes = pipeline.encode_batch, []
+
+    def counting(model, rgbs, batch_size=8, refine=None):
+        sizes.append(len(rgbs))
+        return real(model, rgbs, batch_size, refine)
+
+    monkeypatch.setattr(pipeline, "encode_batch", counting)
+    (images / "broken.png").unlink()
+    assert cli.main(["convert", str(images), "-o", str(tmp_path / "one"), "--quiet", "--device", "cpu"]) == 0
+    assert sizes == [1, 1, 1]
+    sizes.clear()
+    assert cli.main(["convert", str(images), "-o", str(tmp_path / "two"), "--quiet", "-b", "2", "--device", "cpu"]) == 0
+    assert sizes == [2, 1]
+
+
+def test_info_system_says_what_runs_and_why(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("SDLATENT_BACKEND", "torch")
+    monkeypatch.setenv("SDLATENT_DEVICE", "cpu")
+    monkeypatch.delenv("SDLATENT_DTYPE", raising=False)
+    assert cli.main(["info", "--system", "--json"]) == 0
+    system = json.loads(capsys.readouterr().out)
+    assert system["device"] == "cpu" and system["backend"] == "torch"
+    assert system["backend_reason"] == "asked for (torch)"
+    amx = system["amx"] == "yes"
+    assert system["precision"].startswith("bfloat16" if amx else "float32")
+    assert ("with AMX" if amx else "without AMX") in system["precision_reason"]
+    assert cli.main(["info"]) == 2  # neither files nor --system

@@ -37,11 +37,13 @@ def test_every_exception_class_is_exported_from_one_module() -> None:
         assert cls.__name__ in pillow_sdlatent.__all__ and cls.__name__ in errors.__all__
 
 
-def test_errors_module_imports_only_the_standard_library() -> None:
+def test_errors_module_imports_only_the_standard_library_and_pillow() -> None:
+    # PIL: DecodeBudgetError is a DecompressionBombError; registering the plugin imports PIL.Image anyway
     tree = ast.parse(Path(errors.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
-    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
+    assert names <= set(sys.stdlib_module_names) | {"__future__", "PIL"}, names
+    assert issubclass(errors.DecodeBudgetError, errors.Image.DecompressionBombError)
 
 
 def test_format_error_is_both_oserror_and_valueerror() -> None:

@@ -72,3 +72,19 @@ def test_only_the_options_module_reads_sdlatent_variables() -> None:
     pattern = re.compile(r"(environ|getenv)\W[^\n]*SDLATENT_")
     readers = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if pattern.search(p.read_text())]
     assert readers == []
+
+
+def test_allow_model_mismatch_option_reaches_open(monkeypatch: pytest.MonkeyPatch, gradient, taesd_dir: Path,
+                                                  taesdxl_dir: Path) -> None:  # fmt: skip
+    import io
+
+    buf = io.BytesIO()
+    gradient.save(buf, "SDL", model=str(taesd_dir), quality=30)
+    with pytest.raises(pillow_sdlatent.ModelMismatchError):
+        pillow_sdlatent.open(io.BytesIO(buf.getvalue()), model=str(taesdxl_dir)).load()
+    monkeypatch.setattr(options, "ALLOW_MODEL_MISMATCH", True)  # no argument given: the option decides
+    im = pillow_sdlatent.open(io.BytesIO(buf.getvalue()), model=str(taesdxl_dir))
+    im.load()
+    assert im.size == gradient.size
+    with pytest.raises(pillow_sdlatent.ModelMismatchError):  # the argument beats the option
+        pillow_sdlatent.open(io.BytesIO(buf.getvalue()), model=str(taesdxl_dir), allow_model_mismatch=False).load()

@@ -30,7 +30,11 @@ class Autoencoder(ABC):
     Backends implement ``_encode``/``_decode`` (run in the model's dtype) and
     ``float32_copy``. When a reduced-precision run gives NaN or inf (the SDXL
     VAE overflows in float16), the work is redone on a float32 copy of the
-    weights and a warning is given once per model.
+    weights and a warning is given once per model: reduced precision is the
+    weights' dtype, an autocast (bfloat16 on the CPU) or a runner's (OpenVINO).
+
+    The nets that ``_encode``/``_decode`` call through :meth:`_run_net` (``_nets``)
+    run in torch, or in a ``runner`` (see :mod:`.ov_backend`) when one is attached.
 
     Images larger than a tile (see :mod:`.tiling`; ``tile_size`` or
     ``options.TILE_SIZE`` overrides the size set by ``bytes_per_pixel``) are
@@ -42,7 +46,13 @@ class Autoencoder(ABC):
     downscale: int = 8
     fingerprint: bytes
     device: torch.device
+    #: The weights' dtype.
     dtype: torch.dtype
+    #: Precision of an autocast around encode/decode (bfloat16 on the CPU: float32 weights, oneDNN bf16
+    #: convolutions); None: none.
+    autocast_dtype: torch.dtype | None = None
+    #: Runs the nets instead of torch (``runner(op, x)``, e.g. OpenVINO); None: torch.
+    runner: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     #: Whether outputs depend on statistics over the whole image (GroupNorm): tiles then differ more.
     global_norm: bool = False
     #: Peak activation bytes per image pixel in float32, the worse of encode and decode; with the device's
@@ -54,6 +64,21 @@ class Autoencoder(ABC):
 
     @abstractmethod
     def _decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def _nets(self) -> dict[str, torch.nn.Module]:
+        """The nets of ``"encode"`` and ``"decode"``, tensor to tensor in the model's own space (what a runner
+        exports); the pre- and post-processing of ``_encode``/``_decode`` stays outside."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no nets to export")
+
+    def _run_net(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        if self.runner is not None:
+            return self.runner(op, x)
+        return self._nets()[op](x)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The precision the convolutions run in: the runner's, the autocast's, else the weights'."""
+        return getattr(self.runner, "dtype", None) or self.autocast_dtype or self.dtype
 
     def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         """``_decode`` with autograd on (for :mod:`.refine`): float32 images, not clamped, not guarded."""
@@ -145,10 +170,14 @@ class Autoencoder(ABC):
 
     def _guarded(self, op: str, x: torch.Tensor) -> torch.Tensor:
         fn: Callable[[torch.Tensor], torch.Tensor] = getattr(self, "_" + op)
-        out = fn(x)
+        if self.autocast_dtype is not None and self.runner is None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = fn(x)
+        else:
+            out = fn(x)
         if bool(torch.isfinite(out).all()):
             return out
-        if self.dtype != torch.float32:
+        if self.compute_dtype != torch.float32:
             self._warn_once(op)
             out = getattr(self._fp32_twin(), "_" + op)(x)
             if bool(torch.isfinite(out).all()):
@@ -171,17 +200,32 @@ class Autoencoder(ABC):
         if not self.__dict__.get("_warned"):
             self.__dict__["_warned"] = True
             warnings.warn(
-                f"{self.model_id!r} gave NaN/inf in {self.dtype} during {op}; redoing in float32 "
+                f"{self.model_id!r} gave NaN/inf in {self.compute_dtype} during {op}; redoing in float32 "
                 f"(slower; pass dtype='float32' or SDLATENT_DTYPE=float32 to skip the first attempt)",
                 RuntimeWarning,
                 stacklevel=4,
             )
 
     def __repr__(self) -> str:
+        how = f"{self.dtype}" + (f" autocast {self.autocast_dtype}" if self.autocast_dtype else "")
+        if self.runner is not None:
+            how = f"{self.runner}"
         return (
             f"<{type(self).__name__} {self.model_id!r} C={self.latent_channels} "
-            f"fp={self.fingerprint.hex()[:12]} {self.device} {self.dtype}>"
+            f"fp={self.fingerprint.hex()[:12]} {self.device} {how}>"
         )
+
+
+def split_precision(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights' dtype, autocast dtype) for running at ``dtype`` on ``device``.
+
+    bfloat16 on the CPU is an autocast over float32 weights: oneDNN runs the convolutions in bf16 and the
+    ops autocast keeps in float32 (normalisations) stay there, and the float32 weights are at hand for the
+    NaN/inf guard. Elsewhere the weights are cast.
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.float32, torch.bfloat16
+    return dtype, None
 
 
 _twin_lock = threading.Lock()

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from .base import Autoencoder, fingerprint_tensors
+from .base import Autoencoder, fingerprint_tensors, split_precision
 
 #: ``extra`` of the fingerprint of tiny autoencoders, shared with :class:`TaesdAutoencoder`: the same
 #: TAESD weights give the same fingerprint from a TAESD folder or a diffusers ``AutoencoderTiny``.
@@ -43,25 +43,55 @@ class DiffusersAutoencoder(Autoencoder):
             extra = TINY_FINGERPRINT_EXTRA if self.tiny else f"{self.kind}:{self.scaling!r}:{self.shift!r}".encode()
             fingerprint = fingerprint_tensors(tensors, extra)
         self.fingerprint = fingerprint
-        self.device, self.dtype = device, dtype
-        vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        self.device = device
+        self.dtype, self.autocast_dtype = split_precision(device, dtype)
+        vae.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
 
     def float32_copy(self) -> DiffusersAutoencoder:
         vae = copy.deepcopy(self.vae).float()
         return DiffusersAutoencoder(vae, self.model_id, self.device, torch.float32, self.fingerprint)
 
+    def _nets(self) -> dict[str, torch.nn.Module]:
+        vae, nets = self.__dict__.get("_net_modules", (None, None))
+        if vae is not self.vae or nets is None:  # built once per vae (a copy of this model may hold another)
+            nets = {"encode": _EncoderNet(self.vae), "decode": _DecoderNet(self.vae)}
+            self.__dict__["_net_modules"] = (self.vae, nets)
+        return nets
+
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, self.dtype) * 2 - 1
-        out = self.vae.encode(x)
-        z = out.latents if self.tiny else out.latent_dist.mean
+        z = self._run_net("encode", images.to(self.device, self.dtype) * 2 - 1)
         return (z.float() - self.shift) * self.scaling
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode_differentiable(latents)
+        z = latents.to(self.device, torch.float32) / self.scaling + self.shift
+        return (self._run_net("decode", z.to(self.dtype)).float() + 1) / 2
 
     def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self.device, torch.float32) / self.scaling + self.shift
-        x = self.vae.decode(z.to(self.dtype)).sample
-        return (x.float() + 1) / 2
+        return (_DecoderNet(self.vae)(z.to(self.dtype)).float() + 1) / 2
+
+
+class _EncoderNet(torch.nn.Module):
+    """Images in [-1, 1] -> unscaled latents: the posterior mean (``AutoencoderKL``) or ``AutoencoderTiny``'s."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.tiny = type(vae).__name__ == "AutoencoderTiny"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(x)
+        return out.latents if self.tiny else out.latent_dist.mean
+
+
+class _DecoderNet(torch.nn.Module):
+    """Unscaled latents -> images in [-1, 1]."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample

@@ -10,9 +10,11 @@ or a TAESD-family folder of ``NAME_encoder``/``NAME_decoder`` weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 from .. import options
 from ..errors import ModelLoadError, ModelNotFoundError
 from .base import Autoencoder
-from .device import pick_device, pick_dtype
+from .device import choose_backend, pick_device, pick_dtype
 from .taesd import TaesdAutoencoder, is_taesd_folder
 
 DEFAULT_MODEL = "stabilityai/sd-vae-ft-mse"
@@ -47,8 +49,8 @@ ALIASES: dict[str, tuple[str, str | None]] = {
 #: the hub is reachable (:func:`download_allowed`); any other id a file names is looked up locally.
 KNOWN_REPOS = frozenset(hub for hub, _ in ALIASES.values())
 
-_cache: dict[tuple[str, str, str], Autoencoder] = {}
-_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_cache: dict[tuple[str, str, str, str], Autoencoder] = {}
+_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
 _guard = threading.Lock()
 
 
@@ -59,6 +61,15 @@ FIX = (
 )
 
 
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Around (or decorating) diffusers' loaders: they pass huggingface_hub an argument it deprecated, and every
+    missing-model path would print that ``local_dir_use_symlinks`` warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        yield
+
+
 def default_spec() -> str:
     return options.resolve("MODEL") or DEFAULT_MODEL
 
@@ -67,16 +78,19 @@ def load_model(
     spec: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    backend: str | None = None,
     *,
     download: bool = True,
 ) -> Autoencoder:
-    """Load (once per process) the autoencoder a spec names. ``download=False``: from local files and the
-    Hugging Face cache only (what decoding a file uses for ids it may not download, see
-    :func:`download_allowed`)."""
+    """Load (once per process) the autoencoder a spec names, run by ``backend`` (see
+    :func:`~.device.choose_backend`) at ``dtype`` (see :func:`~.device.choose_dtype`). ``download=False``:
+    from local files and the Hugging Face cache only (what decoding a file uses for ids it may not download,
+    see :func:`download_allowed`)."""
     spec = str(spec or default_spec())
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    key = (spec, str(dev), str(dt))
+    runs_on = choose_backend(dev, backend)[0]
+    key = (spec, str(dev), str(dt), runs_on)
     with _guard:
         if key in _cache:
             return _cache[key]
@@ -85,7 +99,11 @@ def load_model(
         if key not in _cache:
             model = _load_uncached(spec, dev, dt, download)
             model.spec = spec
-            model.float32_loader = partial(load_model, spec, dev, torch.float32)
+            model.float32_loader = partial(load_model, spec, dev, torch.float32, runs_on)
+            if runs_on == "openvino":
+                from .ov_backend import OpenVinoRunner
+
+                model.runner = OpenVinoRunner(model, dt)
             _cache[key] = model
         return _cache[key]
 
@@ -166,6 +184,7 @@ def _vae_class(config: dict) -> type:
     return getattr(diffusers, name)
 
 
+@quiet_hub()
 def _load_diffusers(
     source: str, subfolder: str | None, model_id: str, device: torch.device, dtype: torch.dtype, download: bool = True
 ) -> Autoencoder:
@@ -185,14 +204,11 @@ def _load_diffusers(
         import diffusers
 
         only_local = offline or local or not download
-        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
-            config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
-            cls = _vae_class(config)
-            vae = cls.from_pretrained(  # safetensors only: weights that cannot carry code
-                source, subfolder=subfolder, local_files_only=only_local, use_safetensors=True,
-                torch_dtype=torch.float32,
-            )  # fmt: skip
+        config = diffusers.AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=only_local)
+        cls = _vae_class(config)
+        vae = cls.from_pretrained(  # safetensors only: weights that cannot carry code
+            source, subfolder=subfolder, local_files_only=only_local, use_safetensors=True, torch_dtype=torch.float32
+        )
     except ModelNotFoundError:
         raise
     except (OSError, ValueError) as exc:
@@ -211,6 +227,7 @@ def _load_diffusers(
     return DiffusersAutoencoder(vae, model_id, device, dtype)
 
 
+@quiet_hub()
 def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, download: bool = True) -> Autoencoder:
     """A ``.safetensors``/``.ckpt`` VAE checkpoint (original LDM or diffusers key names).
 
@@ -250,7 +267,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, down
 def loaded_sources(model_id: str) -> list[str]:
     """Specs of the models already loaded in this process whose id is ``model_id``."""
     with _guard:
-        return list(dict.fromkeys(spec for (spec, _, _), m in _cache.items() if m.model_id == model_id))
+        return list(dict.fromkeys(spec for (spec, *_), m in _cache.items() if m.model_id == model_id))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import Autoencoder, fingerprint_tensors
+from .base import Autoencoder, fingerprint_tensors, split_precision
 from .diffusers_vae import TINY_FINGERPRINT_EXTRA
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -152,25 +152,29 @@ class TaesdAutoencoder(Autoencoder):
         self.downscale = 8
         self.global_norm = any(".pool." in k for k in dec_state)  # TAEF2 blocks hold GroupNorms
         self.fingerprint = fingerprint_tensors(dec_state.values(), TINY_FINGERPRINT_EXTRA)
-        self.device, self.dtype = device, dtype
+        self.device = device
+        self.dtype, self.autocast_dtype = split_precision(device, dtype)
         for net in (self.encoder, self.decoder):
-            net.eval().requires_grad_(False).to(device=device, dtype=dtype)
+            net.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
 
     def float32_copy(self) -> TaesdAutoencoder:
         twin = copy.copy(self)
         twin.__dict__.pop("_twin", None)
         twin.encoder = copy.deepcopy(self.encoder).float()
         twin.decoder = copy.deepcopy(self.decoder).float()
-        twin.dtype = torch.float32
+        twin.dtype, twin.autocast_dtype, twin.runner = torch.float32, None, None
         return twin
+
+    def _nets(self) -> dict[str, nn.Module]:
+        return {"encode": self.encoder, "decode": self.decoder}
 
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images.to(self.device, self.dtype)).float()
+        return self._run_net("encode", images.to(self.device, self.dtype)).float()
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode_differentiable(latents)
+        return self._run_net("decode", latents.to(self.device, self.dtype)).float()
 
     def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents.to(self.device, self.dtype)).float()
