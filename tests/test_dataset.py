@@ -137,3 +137,18 @@ def test_missing_source_is_named(tmp_path: Path) -> None:
         LatentDataset(tmp_path / "nothing-here")
     with pytest.raises(FileNotFoundError, match=r"no \.sdl files"):
         LatentDataset(tmp_path)
+
+
+def test_shards_of_webdatasets_writer_read_back(tmp_path: Path) -> None:
+    """The shards pillow_sdlatent.ray writes (webdataset.TarWriter, keys with folders, a json sibling)."""
+    webdataset = pytest.importorskip("webdataset")
+    path = tmp_path / "ray.tar"
+    with open(path, "wb") as f:
+        writer = webdataset.TarWriter(f)
+        for seed in (5, 6):
+            writer.write({"__key__": f"photos/2024/img_{seed}", "sdl": _sdl_bytes(seed), "json": {"seed": seed}})
+        writer.close()
+    got = list(LatentIterableDataset(path, metadata=True, extras=("json",)))
+    assert [m["key"] for _, m in got] == ["photos/2024/img_5", "photos/2024/img_6"]
+    for seed, (z, meta) in zip((5, 6), got, strict=True):
+        assert torch.equal(z, _expected(seed)) and b'"seed"' in meta["json"]
