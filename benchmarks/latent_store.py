@@ -2,6 +2,7 @@
 
     python benchmarks/latent_store.py                      # TAESD, TAESDXL, TAEF2 on the 24 Kodak images
     python benchmarks/latent_store.py --images 6 --models taesd
+    python benchmarks/latent_store.py --images 6 --models taesd --scalar-sweep   # method="scalar" by quality
 
 For each model (../shared/models) and Kodak image (512x512 centre crops by default, latents 4x64x64 for
 TAESD; ``--crop 0``: whole 768x512 images), the float latents ``z`` of
@@ -162,12 +163,34 @@ def _centre_crop(im: Image.Image, side: int) -> Image.Image:
     return im.crop((left, top, left + side, top + side))
 
 
+def scalar_sweep(name: str, images: list[Image.Image], qualities: list[int]) -> None:
+    """Bytes and latent SNR of ``method="scalar"`` at each quality (no decoding, no timing)."""
+    ae = load_model(str(SHARED / "models" / name), "cpu")
+    identity = {"model_id": ae.model_id, "fingerprint": ae.fingerprint, "downscale": ae.downscale}
+    zs = [z.numpy() for z in encode_images(images, ae)]
+    print("| model | quality (method=scalar) | levels | bytes | vs uint8 | latent SNR dB |\n|---|---|---|---|---|---|")
+    for q in qualities:
+        write, read = _sdl(identity, method="scalar", quality=q)
+        blobs = [write(z) for z in zs]
+        nbytes = np.mean([len(b) for b in blobs])
+        levels = int(read_latents(io.BytesIO(blobs[0]))[1].levels[0])
+        snr = _snr(zs, [read(b).numpy() for b in blobs])
+        print(f"| {name} | {q} | {levels} | {nbytes:,.0f} | {nbytes / zs[0].size:.2f} | {snr:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["taesd", "taesdxl", "taef2"])
     p.add_argument("--images", type=int, default=24, help="the first N Kodak images")
     p.add_argument("--qualities", type=int, nargs="+", default=[60, 75, 90, 100])
     p.add_argument("--crop", type=int, default=512, help="centre crops of this side (0: whole images)")
+    p.add_argument(
+        "--scalar-sweep",
+        type=int,
+        nargs="*",
+        metavar="QUALITY",
+        help="only bytes and latent SNR of method='scalar' at these qualities (default 60 65 70 75 80 100)",
+    )
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing pass")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -181,6 +204,10 @@ def main() -> None:
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     what = f"{args.crop}x{args.crop} centre crops of" if args.crop else "whole"
     print(f"{what} {len(images)} Kodak images; {model_name}; torch {torch.__version__}, 1 thread\n")
+    if args.scalar_sweep is not None:
+        for name in args.models:
+            scalar_sweep(name, images, args.scalar_sweep or [60, 65, 70, 75, 80, 100])
+        return
     print("| model | store | bytes | vs uint8 | latent SNR dB | decoded PSNR dB | reads/s |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
