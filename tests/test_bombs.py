@@ -27,6 +27,15 @@ from pillow_sdlatent.testing import HEAD_FIELDS, build_file, join_chunks, sealed
 
 MiB = 1 << 20
 
+
+@pytest.fixture(autouse=True)
+def _pillow_limits_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests hold files to Pillow's MAX_IMAGE_PIXELS; the decode budget, tighter by default, is
+    tests/test_hostile.py's."""
+    from pillow_sdlatent import options
+
+    monkeypatch.setattr(options, "DECODE_BUDGET", 0)
+
 BASE = build_file(16, 16, "RGB", 4, QuantSettings("scalar", 64), 21)
 
 

@@ -368,7 +368,7 @@ def test_info_system_says_what_runs_and_why(capsys, monkeypatch) -> None:
     assert cli.main(["info", "--system", "--json"]) == 0
     system = json.loads(capsys.readouterr().out)
     assert system["device"] == "cpu" and system["backend"] == "torch"
-    assert system["backend_reason"] == "asked for (torch)"
+    assert system["backend_reason"] == "asked for (SDLATENT_BACKEND=torch)"
     amx = system["amx"] == "yes"
     assert system["precision"].startswith("bfloat16" if amx else "float32")
     assert ("with AMX" if amx else "without AMX") in system["precision_reason"]
