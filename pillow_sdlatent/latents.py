@@ -309,7 +309,8 @@ def latent_loader(path: str | os.PathLike[str]) -> torch.Tensor:
 
     ``DatasetFolder(root, loader=latent_loader, extensions=(".sdl",))`` yields
     ``(latents (C, h, w), class index)``: a latent-diffusion training set read
-    straight from .sdl files.
+    straight from .sdl files. Without torchvision, and for file lists and tar
+    shards: :mod:`pillow_sdlatent.dataset`.
     """
     return read_latents(path)[0]
 
