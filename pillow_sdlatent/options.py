@@ -97,7 +97,7 @@ BACKEND: str | None = None
 
 def _parse(kind: str, value: Any, from_env: bool) -> Any:
     """``value`` checked for ``kind``; the environment's text converted first. Raises ValueError."""
-    if from_env and kind in ("count", "side", "strength", "flag"):
+    if from_env and kind in ("count", "pixels", "side", "strength", "flag"):
         table = {
             "1": True,
             "true": True,
@@ -111,7 +111,7 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
         try:
             value = (
                 int(value)
-                if kind in ("count", "side")
+                if kind in ("count", "pixels", "side")
                 else float(value)
                 if kind == "strength"
                 else table[value.lower()]
@@ -124,6 +124,7 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
         "text": lambda v: isinstance(v, (str, os.PathLike)) and bool(os.fspath(v)),
         "paths": lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in v),
         "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "pixels": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "side": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
         "flag": lambda v: isinstance(v, bool),
@@ -139,7 +140,8 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
 _KINDS = {
     "text": "must be a non-empty string",
     "paths": f"must be folders separated by {os.pathsep!r}, or a list of folders",
-    "count": "must be a whole number >= 0",
+    "count": "must be a number of steps >= 0",
+    "pixels": "must be a number of pixels >= 0 (0: no budget)",
     "side": "must be 0 (never tile) or a side in pixels",
     "strength": "must be a number in 0..1",
     "flag": "must be True or False",
@@ -159,7 +161,7 @@ SETTINGS: dict[str, tuple[str | None, str, Any]] = {
     "DENOISE": ("SDLATENT_DENOISE", "strength", 0.0),
     "DENOISE_MODEL": ("SDLATENT_DENOISE_MODEL", "text", None),
     "ALLOW_DOWNLOAD": ("SDLATENT_ALLOW_DOWNLOAD", "flag", False),
-    "DECODE_BUDGET": ("SDLATENT_DECODE_BUDGET", "count", 64_000_000),
+    "DECODE_BUDGET": ("SDLATENT_DECODE_BUDGET", "pixels", 64_000_000),
     "BACKEND": ("SDLATENT_BACKEND", "text", None),
 }
 
@@ -168,6 +170,12 @@ def resolve(name: str, value: Any = None) -> Any:
     """The value of setting ``name`` (an attribute name above): ``value`` when it is not None,
     else this module's attribute, else ``SDLATENT_<NAME>``, else the default; checked, with an
     error naming where a bad value came from."""
+    return resolve_with_source(name, value)[0]
+
+
+def resolve_with_source(name: str, value: Any = None) -> tuple[Any, str]:
+    """:func:`resolve`'s value and where it came from: the argument's name (``dtype``), the attribute
+    (``pillow_sdlatent.options.DTYPE``), the environment variable (``SDLATENT_DTYPE``) or ``default``."""
     env, kind, default = SETTINGS[name]
     from_env = False
     if value is not None:
@@ -177,8 +185,8 @@ def resolve(name: str, value: Any = None) -> Any:
     elif env and (text := os.environ.get(env, "").strip()):
         value, where, from_env = text, env, True
     else:
-        return default
+        return default, "default"
     try:
-        return _parse(kind, value, from_env)
+        return _parse(kind, value, from_env), where
     except ValueError as exc:
         raise ValueError(f"{where} {exc}, got {value!r}") from None

@@ -51,6 +51,11 @@ class Autoencoder(ABC):
     #: Precision of an autocast around encode/decode (bfloat16 on the CPU: float32 weights, oneDNN bf16
     #: convolutions); None: none.
     autocast_dtype: torch.dtype | None = None
+    #: Ops ("encode", "decode") that run in float32 whatever the precision above: the registry puts "encode"
+    #: here when it chose bfloat16 for an AMX CPU by itself, since bf16 encoding moved the round trip of some
+    #: Kodak images by up to 0.09 dB (torch) / 0.13 dB (OpenVINO), past the 0.05 dB bound (docs/speed.md),
+    #: while bf16 decoding stays within 0.1 dB of float32.
+    float32_ops: frozenset[str] = frozenset()
     #: Runs the nets instead of torch (``runner(op, x)``, e.g. OpenVINO); None: torch.
     runner: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     #: Whether outputs depend on statistics over the whole image (GroupNorm): tiles then differ more.
@@ -170,7 +175,7 @@ class Autoencoder(ABC):
 
     def _guarded(self, op: str, x: torch.Tensor) -> torch.Tensor:
         fn: Callable[[torch.Tensor], torch.Tensor] = getattr(self, "_" + op)
-        if self.autocast_dtype is not None and self.runner is None:
+        if self.autocast_dtype is not None and self.runner is None and op not in self.float32_ops:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 out = fn(x)
         else:

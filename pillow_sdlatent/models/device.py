@@ -56,13 +56,13 @@ def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -
     ``SDLATENT_DTYPE``), else bfloat16 on CPUs with AMX and float32 on other CPUs, bfloat16/float16 on GPUs.
     On the CPU bfloat16 runs under autocast (float32 weights; see
     :attr:`~pillow_sdlatent.models.base.Autoencoder.autocast_dtype`)."""
-    name = options.resolve("DTYPE", dtype)
+    name, where = options.resolve_with_source("DTYPE", dtype)
     if isinstance(name, torch.dtype):
-        return name, f"asked for ({name})"
+        return name, f"asked for ({where}={name})"
     if name:
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-        return DTYPES[name], f"asked for ({name})"
+        return DTYPES[name], f"asked for ({where}={name})"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "CUDA GPU with bfloat16"
@@ -92,18 +92,19 @@ def choose_backend(device: torch.device, backend: str | None = None) -> tuple[st
     """(backend, why): ``options.resolve("BACKEND", backend)`` (argument, ``options.BACKEND``,
     ``SDLATENT_BACKEND``), else ``auto``: OpenVINO on the CPU where it is installed (same precision, faster
     kernels: 1.5x float32 and, with AMX, 9x in bfloat16 on TAESD, issue 18), torch everywhere else."""
-    name = str(options.resolve("BACKEND", backend) or "auto").strip().lower()
+    name, where = options.resolve_with_source("BACKEND", backend)
+    name = str(name or "auto").strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "torch":
-        return "torch", "asked for (torch)"
+        return "torch", f"asked for ({where}=torch)"
     if name == "openvino":
         if device.type != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU only, not on {device}; use backend='torch'")
         if not openvino_installed():
             raise ValueError("backend 'openvino' asked for, but OpenVINO is not installed: "
                              "pip install 'pillow-sdlatent[openvino]', or use backend='torch'")  # fmt: skip
-        return "openvino", "asked for (openvino)"
+        return "openvino", f"asked for ({where}=openvino)"
     if device.type != "cpu":
         return "torch", f"auto: {device.type} device"
     if openvino_installed():

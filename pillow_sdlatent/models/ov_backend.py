@@ -92,7 +92,9 @@ class OpenVinoRunner:
             graph = self._converted[op].clone()
             graph.reshape(list(shape))
             config = {
-                "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[self.dtype],
+                "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[
+                    torch.float32 if op in getattr(self.model, "float32_ops", ()) else self.dtype
+                ],
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": self.threads or torch.get_num_threads(),
             }

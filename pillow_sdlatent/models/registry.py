@@ -90,7 +90,8 @@ def load_model(
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     runs_on = choose_backend(dev, backend)[0]
-    key = (spec, str(dev), str(dt), runs_on)
+    chosen = dev.type == "cpu" and dt != torch.float32 and options.resolve("DTYPE", dtype) is None
+    key = (spec, str(dev), str(dt), runs_on + ("|chosen" if chosen else ""))
     with _guard:
         if key in _cache:
             return _cache[key]
@@ -100,6 +101,8 @@ def load_model(
             model = _load_uncached(spec, dev, dt, download)
             model.spec = spec
             model.float32_loader = partial(load_model, spec, dev, torch.float32, runs_on)
+            if chosen:  # bf16 chosen for an AMX CPU, not asked for: decoding only (Autoencoder.float32_ops)
+                model.float32_ops = frozenset({"encode"})
             if runs_on == "openvino":
                 from .ov_backend import OpenVinoRunner
 
