@@ -494,7 +494,7 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
     try:
         ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
         result = convert(todo, options, report=args.report, overwrite=args.overwrite, output_root=args.output,
-                         batch_size=args.batch_size, **actor_resources(args.actors))  # fmt: skip
+                         batch_size=args.batch_size or 8, **actor_resources(args.actors))  # fmt: skip
     except Exception as exc:
         print(f"sdlatent convert --ray: error: {_describe(exc)}", file=sys.stderr)
         return cli.EXIT_FAILED
