@@ -25,8 +25,9 @@ Payload (all big-endian)::
 Readers compute in float64 (a float16 map on float32 latents cannot overflow it), round, clip to 0..255 and,
 for LA/RGBA files, box-reduce the ``ALPH`` plane by the same factor. A reader that meets an unknown version
 or basis, a payload of the wrong length or a non-finite coefficient ignores the chunk (it is ancillary).
-Why float16: the map's 2C + 1 terms per output move a preview sample by well under one level when rounded
-to 11 significant bits (benchmarks/preview.py), and halve the chunk (69 instead of 124 bytes with its framing at C = 4).
+Why float16: rounding the fitted map to 11 significant bits moved preview samples by at most one level (2.3% of
+them, 8 Kodak images with TAESD at quality 75, measured once on 2026-12-01), and halves the chunk (69 instead of
+124 bytes with its framing at C = 4).
 """
 
 from __future__ import annotations
