@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,23 +48,6 @@ print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - t0,
 """
 
 
-def with_head(data: bytes, model_id: bytes | None = None, extra_rows: int = 0, **fields: int) -> bytes:
-    from pillow_sdlatent.testing import HEAD_FIELDS, join_chunks, sealed, split_chunks
-
-    chunks = split_chunks(data)
-    head = bytearray(chunks[0][2])
-    for name, value in fields.items():
-        offset, fmt = HEAD_FIELDS[name]
-        struct.pack_into(fmt, head, offset, value)
-    if model_id is not None:
-        at = HEAD_FIELDS["model_id_length"][0]
-        head[at + 1 : at + 1 + head[at]] = model_id
-        head[at] = len(model_id)
-    head += head[-10:] * extra_rows
-    chunks[0] = sealed(b"HEAD", bytes(head))
-    return join_chunks(chunks)
-
-
 def cases(tmp: Path) -> list[tuple[str, bytes | None, str, dict[str, str]]]:
     import io
 
@@ -73,7 +55,7 @@ def cases(tmp: Path) -> list[tuple[str, bytes | None, str, dict[str, str]]]:
 
     import pillow_sdlatent
     from pillow_sdlatent.core.settings import QuantSettings
-    from pillow_sdlatent.testing import build_file
+    from pillow_sdlatent.testing import build_file, forge_head
 
     transform = QuantSettings("transform", coder="transform", quality=60)
     small = build_file(32, 24, "RGB", 4, transform, 1, model_id="taesd")
@@ -87,12 +69,12 @@ def cases(tmp: Path) -> list[tuple[str, bytes | None, str, dict[str, str]]]:
     next(garbage.glob("*_decoder.*")).write_bytes(os.urandom(4096))
     budget = {"SDLATENT_DECODE_BUDGET": "1000000"}
     return [
-        ("model id attacker-org/tracking-pixel, load()", with_head(small, b"attacker-org/tracking-pixel"), "load", {}),
-        ("4704x4704, 256 channels, almost nothing coded, load()", with_head(wide, width=4704, height=4704), "load",
+        ("model id attacker-org/tracking-pixel, load()", forge_head(small, b"attacker-org/tracking-pixel"), "load", {}),
+        ("4704x4704, 256 channels, almost nothing coded, load()", forge_head(wide, width=4704, height=4704), "load",
          {}),
         ("2048x2048 flat latents (legitimate), load(), default budget", flat, "load", {}),
         ("the same, SDLATENT_DECODE_BUDGET=1000000", flat, "load", budget),
-        ("32768x32768, read_latents()", with_head(small, width=32768, height=32768), "read_latents", {}),
+        ("32768x32768, read_latents()", forge_head(small, width=32768, height=32768), "read_latents", {}),
         ("TAESD folder with a garbage decoder, load_model()", None, str(garbage), {}),
     ]  # fmt: skip
 

@@ -82,6 +82,25 @@ class Hang(BaseException):  # BaseException: no ``except Exception`` in the read
 # ------------------------------------------------------------------ seeds
 
 
+def forge_head(data: bytes, model_id: bytes | None = None, extra_rows: int = 0, **fields: int) -> bytes:
+    """``data`` with HEAD fields (names of :data:`HEAD_FIELDS`), the model id and ``extra_rows`` copies of the
+    last channel-table row changed, every CRC recomputed: forged files that pass the chunk layer."""
+    chunks = split_chunks(data)
+    if chunks is None:
+        raise ValueError("not a well-framed .sdl file")
+    head = bytearray(chunks[0][2])
+    for name, value in fields.items():
+        offset, fmt = HEAD_FIELDS[name]
+        struct.pack_into(fmt, head, offset, value)
+    if model_id is not None:
+        at = HEAD_FIELDS["model_id_length"][0]
+        head[at + 1 : at + 1 + head[at]] = model_id
+        head[at] = len(model_id)
+    head += head[-CHANNEL_ROW:] * extra_rows
+    chunks[0] = sealed(b"HEAD", bytes(head))
+    return join_chunks(chunks)
+
+
 def build_file(width: int, height: int, mode: str, channels: int, settings: QuantSettings, seed: int,
                info: dict | None = None, downscale: int = 8, model_id: str = "sdl-fuzz") -> bytes:  # fmt: skip
     """A valid model-free file with random smooth latents (the writer's own code path)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import shutil
 import socket
-import struct
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,25 +17,9 @@ import pillow_sdlatent
 from pillow_sdlatent import options
 from pillow_sdlatent.core.settings import QuantSettings
 from pillow_sdlatent.errors import DecodeBudgetError, ModelLoadError, ModelMismatchError, ModelNotFoundError
-from pillow_sdlatent.testing import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
+from pillow_sdlatent.testing import build_file, forge_head
 
 MiB = 1 << 20
-
-
-def with_head(data: bytes, model_id: bytes | None = None, extra_rows: int = 0, **fields: int) -> bytes:
-    """``data`` with HEAD fields, the model id and channel-table rows changed, CRCs recomputed."""
-    chunks = split_chunks(data)
-    head = bytearray(chunks[0][2])
-    for name, value in fields.items():
-        offset, fmt = HEAD_FIELDS[name]
-        struct.pack_into(fmt, head, offset, value)
-    if model_id is not None:
-        at = HEAD_FIELDS["model_id_length"][0]
-        head[at + 1 : at + 1 + head[at]] = model_id
-        head[at] = len(model_id)
-    head += head[-10:] * extra_rows
-    chunks[0] = sealed(b"HEAD", bytes(head))
-    return join_chunks(chunks)
 
 
 @pytest.fixture
@@ -65,9 +48,9 @@ def _load(data: bytes) -> None:
 
 @pytest.mark.usefixtures("no_model")
 def test_an_unknown_model_id_never_reaches_the_network(tiny: bytes, no_network: list) -> None:
-    data = with_head(tiny, b"attacker-org/tracking-pixel")
+    data = forge_head(tiny, b"attacker-org/tracking-pixel")
     with pytest.raises(ModelNotFoundError):  # the first load imports torch and diffusers: not timed
-        _load(with_head(tiny, b"attacker-org/warm-up"))
+        _load(forge_head(tiny, b"attacker-org/warm-up"))
     t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match="ALLOW_DOWNLOAD") as err:
         _load(data)
@@ -84,10 +67,10 @@ def test_a_known_model_downloads_only_where_the_hub_answers(tiny: bytes, no_netw
     assert list(registry._reachable.values()) == [False] and len(no_network) <= 1  # one probe, remembered
     attempts = len(no_network)
     with pytest.raises(ModelNotFoundError):  # imports torch and diffusers: not timed
-        _load(with_head(tiny, b"attacker-org/warm-up"))
+        _load(forge_head(tiny, b"attacker-org/warm-up"))
     t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError):
-        _load(with_head(tiny, b"stabilityai/sd-vae-ft-mse"))
+        _load(forge_head(tiny, b"stabilityai/sd-vae-ft-mse"))
     assert time.perf_counter() - t0 < 2.0 and len(no_network) == attempts
     assert registry.download_allowed("attacker-org/x") is False
     options.ALLOW_DOWNLOAD = True
@@ -104,12 +87,12 @@ def test_a_file_never_names_a_path_to_load(tiny: bytes, taesd_dir: Path, tmp_pat
     shutil.copytree(taesd_dir, folder)
     for model_id in (str(folder), f"{tmp_path}/models/../models/taesd", "~/taesd"):
         with pytest.raises(ModelNotFoundError, match="not available"):
-            _load(with_head(tiny, model_id.encode()))
+            _load(forge_head(tiny, model_id.encode()))
     # the same weights under the file's id in a folder the user names are found
     options.MODEL_PATH = str(tmp_path / "models")
     try:
         with pytest.raises(ModelMismatchError, match=r"fingerprint|weights"):  # build_file's fingerprint is fake
-            _load(with_head(tiny, b"taesd"))
+            _load(forge_head(tiny, b"taesd"))
     finally:
         options.MODEL_PATH = None
 
@@ -130,7 +113,7 @@ def test_every_refusal_comes_before_a_latent_is_decoded(taesd_dir: Path, monkeyp
 
 
 def test_decode_budget_refuses_before_any_work(tiny: bytes) -> None:
-    data = with_head(tiny, width=2048, height=2048)  # a legal header; decoding it costs 4 Mpx of TAESD
+    data = forge_head(tiny, width=2048, height=2048)  # a legal header; decoding it costs 4 Mpx of TAESD
     options.DECODE_BUDGET = 1_000_000
     try:
         tracemalloc.start()
@@ -143,17 +126,17 @@ def test_decode_budget_refuses_before_any_work(tiny: bytes) -> None:
         tracemalloc.stop()
         options.DECODE_BUDGET = None
     # the default budget passes a 50 Mpx photo's header (8688x5792), and 0 turns it off
-    with Image.open(io.BytesIO(with_head(tiny, width=8688, height=5792))) as im:
+    with Image.open(io.BytesIO(forge_head(tiny, width=8688, height=5792))) as im:
         assert im.size == (8688, 5792)
     options.DECODE_BUDGET = 0
     try:
-        Image.open(io.BytesIO(with_head(tiny, width=9000, height=9000))).close()
+        Image.open(io.BytesIO(forge_head(tiny, width=9000, height=9000))).close()
     finally:
         options.DECODE_BUDGET = None
 
 
 def test_read_latents_honours_max_image_pixels(tiny: bytes) -> None:
-    data = with_head(tiny, width=32768, height=32768)
+    data = forge_head(tiny, width=32768, height=32768)
     with pytest.raises(Image.DecompressionBombError):
         pillow_sdlatent.read_latents(io.BytesIO(data))
 
@@ -161,7 +144,7 @@ def test_read_latents_honours_max_image_pixels(tiny: bytes) -> None:
 def test_budget_from_the_environment(tiny: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SDLATENT_DECODE_BUDGET", "500000")
     with pytest.raises(DecodeBudgetError, match="500000"):
-        Image.open(io.BytesIO(with_head(tiny, width=1024, height=1024)))
+        Image.open(io.BytesIO(forge_head(tiny, width=1024, height=1024)))
     monkeypatch.setenv("SDLATENT_DECODE_BUDGET", "lots")
     with pytest.raises(ValueError, match="SDLATENT_DECODE_BUDGET"):
         Image.open(io.BytesIO(tiny))

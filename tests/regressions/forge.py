@@ -14,20 +14,9 @@ import numpy as np
 from pillow_sdlatent.core import entropy
 from pillow_sdlatent.core.codec import decode_bytes
 from pillow_sdlatent.core.settings import QuantSettings
-from pillow_sdlatent.testing import HEAD_FIELDS, build_file, join_chunks, sealed, split_chunks
+from pillow_sdlatent.testing import build_file, forge_head, join_chunks, sealed, split_chunks
 
 HERE = Path(__file__).parent
-
-
-def with_head(data: bytes, extra_rows: int = 0, **fields: int) -> bytes:
-    chunks = split_chunks(data)
-    head = bytearray(chunks[0][2])
-    for name, value in fields.items():
-        offset, fmt = HEAD_FIELDS[name]
-        struct.pack_into(fmt, head, offset, value)
-    head += head[-10:] * extra_rows
-    chunks[0] = sealed(b"HEAD", bytes(head))
-    return join_chunks(chunks)
 
 
 def edit(data: bytes, ctype: bytes, payload: bytes | None = None, before: bytes | None = None,
@@ -69,7 +58,7 @@ def rule_cases() -> dict[str, bytes]:
             edit(transform, b"prVw", GREY_PREVIEW, before=b"LDAT"), b"prVw", preview, before=b"LDAT"
         ),
         "rule-preview-large-coefficients": edit(transform, b"prVw", preview, before=b"LDAT"),
-        "rule-300-channels-f8": with_head(transform, 296, channels=300),
+        "rule-300-channels-f8": forge_head(transform, extra_rows=296, channels=300),
     }
 
 
@@ -80,9 +69,9 @@ def cases() -> dict[str, bytes]:
     transform = build_file(64, 48, "RGB", 4, QuantSettings("transform", coder="transform", quality=60), 3)
     return {
         "tolerant-truncated-alph": rgba[: alph + 20],
-        "tolerant-latent-bomb-c1024-f1": with_head(scalar, 1020, width=65535, height=1, channels=1024),
-        "tolerant-117m-latent-values": with_head(scalar, width=7, height=1 << 24),
-        "reader-transform-forged-size": with_head(transform, width=1 << 14, height=10_000),
+        "tolerant-latent-bomb-c1024-f1": forge_head(scalar, extra_rows=1020, width=65535, height=1, channels=1024),
+        "tolerant-117m-latent-values": forge_head(scalar, width=7, height=1 << 24),
+        "reader-transform-forged-size": forge_head(transform, width=1 << 14, height=10_000),
     }
 
 
