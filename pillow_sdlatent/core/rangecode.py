@@ -214,6 +214,7 @@ def model_costs(r: np.ndarray, L: int) -> np.ndarray:
     return out
 
 
+@functools.cache  # asked once per band model the encoder chooses, always for the same two parameter models
 def delta_costs(model: tuple[int, int], L: int) -> np.ndarray:
     """Bits of each value d = -(L-1)//2 .. L-1-(L-1)//2 (index d + (L-1)//2) under a parameter model."""
     mid = (L - 1) // 2
@@ -221,7 +222,9 @@ def delta_costs(model: tuple[int, int], L: int) -> np.ndarray:
     sh, shape = model
     b = np.clip((r >> sh) + R + 1, 0, NB - 1)
     bits = -log2_probabilities()[shape][b] + sh
-    return bits + np.where((b == 0) | (b == NB - 1), np.log2(escape_alphabet(L, sh)), 0.0)
+    out = bits + np.where((b == 0) | (b == NB - 1), np.log2(escape_alphabet(L, sh)), 0.0)
+    out.setflags(write=False)  # cached: shared by every caller
+    return out
 
 
 @contextlib.contextmanager
