@@ -126,6 +126,11 @@ def _byte_payload(header: Header, payload: bytes | None, count: int, dtype: np.d
     return np.frombuffer(raw[: len(raw) // dtype.itemsize * dtype.itemsize], dtype)
 
 
+def _fields(quantizer: str, offset: np.ndarray, scale: np.ndarray, levels: np.ndarray, palette_size: int = 0) -> dict:
+    """The HEAD fields a quantizer sets."""
+    return {"quantizer": quantizer, "palette_size": palette_size, "offset": offset, "scale": scale, "levels": levels}
+
+
 class ScalarCodec:
     """Quantizer 0: one symbol per latent value, ``LDAT`` raw or zstd (spec section 5.1)."""
 
@@ -134,11 +139,8 @@ class ScalarCodec:
 
     def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
         symbols, offset, scale, levels = range_quantize(latents, settings.levels, settings.span)
-        return Quantized(self._fields(offset, scale, levels), symbols)
+        return Quantized(_fields(self.quantizer, offset, scale, levels), symbols)
 
-    def _fields(self, offset: np.ndarray, scale: np.ndarray, levels: np.ndarray, palette_size: int = 0) -> dict:
-        return {"quantizer": self.quantizer, "palette_size": palette_size, "offset": offset, "scale": scale,
-                "levels": levels}  # fmt: skip
 
     def encode(self, header: Header, q: Quantized) -> list[Chunk]:
         data = np.ascontiguousarray(q.payload, header.symbol_dtype).tobytes()
@@ -171,7 +173,7 @@ class PaletteCodec(ScalarCodec):
             palette, indices = imagequant_palette(symbols, settings.palette_size, settings.dither)
         else:
             palette, indices = kmeans_palette(symbols, levels, settings.palette_size, settings.dither)
-        return Quantized(self._fields(offset, scale, levels, len(palette)), indices, palette)
+        return Quantized(_fields(self.quantizer, offset, scale, levels, len(palette)), indices, palette)
 
     def encode(self, header: Header, q: Quantized) -> list[Chunk]:
         if q.palette is None or len(q.palette) != header.palette_size:
@@ -208,8 +210,7 @@ class TransformCodec:
 
     def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
         symbols, offset, scale, levels, weights = transform_coder.quantize(latents, settings.quality, settings.grid)
-        fields = {"quantizer": self.quantizer, "palette_size": 0, "offset": offset, "scale": scale, "levels": levels}
-        return Quantized(fields, symbols, None, weights)
+        return Quantized(_fields(self.quantizer, offset, scale, levels), symbols, None, weights)
 
     def encode(self, header: Header, q: Quantized) -> list[Chunk]:
         if q.weights is None:
