@@ -109,6 +109,31 @@ def read_call(z: np.ndarray, quality: int, model: object):
     return lambda: read_latents(io.BytesIO(data))
 
 
+_FIRST = """
+import time
+t = time.perf_counter()
+import numpy as np
+from pillow_sdlatent.core import transform_coder as tc
+z = np.random.default_rng(0).normal(size=(4, 64, 64)).astype(np.float32)
+s, _, _, lev, w = tc.quantize(z, 60)
+data = tc.encode_symbols(s, lev, w)
+t = time.perf_counter()
+tc.decode_symbols(data, s.shape, lev)
+print(time.perf_counter() - t)
+"""
+
+
+def first_decode_seconds(cache_dir: str | None) -> float:
+    """Seconds of the first transform decode in a fresh process: numba's import and its compiled code, loaded
+    from the cache (``cache_dir`` None) or compiled into an empty cache directory."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **({"NUMBA_CACHE_DIR": cache_dir} if cache_dir else {}))
+    out = subprocess.run([sys.executable, "-c", _FIRST], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(SHARED / "models" / "taesd"))
@@ -116,7 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality", nargs="*", type=int, default=[20, 40, 60, 75, 90])
     ap.add_argument("--repeats", type=int, default=5, help="decode timings: best of this many")
     ap.add_argument("--crop", type=int, default=0, help="centre crops of this side (0: whole images)")
+    ap.add_argument("--first-decode", action="store_true", help="only time the first decode of a fresh process")
     args = ap.parse_args(argv)
+    if args.first_decode:
+        import tempfile
+
+        first_decode_seconds(None)  # the cache is filled, if it was not
+        with tempfile.TemporaryDirectory() as empty:
+            compiled = first_decode_seconds(empty)
+        print(f"first transform decode in a fresh process: {first_decode_seconds(None):.2f} s from numba's cache, "
+              f"{compiled:.2f} s compiling it (empty NUMBA_CACHE_DIR)")  # fmt: skip
+        return
     latents, model = encode_latents(args.model, args.images, args.crop)
     shape = next(iter(latents.values())).shape
     print(
