@@ -83,14 +83,19 @@ RATE_WEIGHT = 0.04
 #: (0.02), bpp / JOD: TAESD quality 60 0.136 / 7.48 -> 0.139 / 7.59, 75 0.209 / 8.17 -> 0.210 / 8.24, 40
 #: 0.055 / 5.63 -> 0.058 / 5.68; TAESDXL 75 0.214 / 7.72 -> 0.215 / 7.80.
 POOLED_LEVELS = 4
-#: Learning rate over a stage through the quantizer (:func:`learning_rate`): "cosine" or "constant".
-SCHEDULE = "constant"
+#: Learning rate over a stage through the quantizer (:func:`learning_rate`): "cosine" or "constant" (the search
+#: before the effort levels). Measured (benchmarks/refine.py --search, the issue's three 256x256 crops, TAESD, 10
+#: steps, JOD gap to AVIF at <= bytes at quality 60 / 75): constant 0.51 / 0.51, cosine 0.46 / 0.50; a cosine from
+#: 0.06 0.50 / 0.52 (docs/refine.md).
+SCHEDULE = "cosine"
 #: The rate term through the transform quantizer: "bits" (the coder's code length under the models the
 #: start latents choose, :meth:`~pillow_sdlatent.core.twins.TransformQuantizer.code_length`) or "proxy"
 #: (:data:`RATE_WEIGHT` x the twin's ``rate``).
-RATE = "proxy"
-#: With RATE "bits": bits per pixel are worth RATE_LAMBDA x (the quality's base step)^2 of distortion.
-RATE_LAMBDA = 0.5
+RATE = "bits"
+#: With RATE "bits": bits per pixel are worth RATE_LAMBDA x (the quality's base step)^2 of distortion. Measured
+#: as SCHEDULE (cosine, 10 steps), gap to AVIF at quality 60 / 75: 0.5: 0.45 / 0.51, 1: 0.43 / 0.50, 2: 0.49 /
+#: 0.49, 4: 0.61 / 0.52; with the stages of effort 5 (40 steps) 0.24 / 0.29 against the old search's 0.33 / 0.31.
+RATE_LAMBDA = 1.0
 
 
 def refine_latents(
