@@ -1098,6 +1098,9 @@ def write_docs(path: Path, out: Path) -> None:
         "--jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --refine 10 --quality 40 50 60 75 "
         "--jobs 2 --docs docs/benchmarks.md",
+        "# the .sdl series at an effort level (save option effort=E; only AVIF beside it, the rest is in the cache):",
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --effort 1 --quality 40 50 60 75 90 "
+        "--codecs AVIF --jobs 2 --docs docs/benchmarks.md",
         "```",
         "",
         "(The runs below used `/work/benchvenv`, made as above or with the dependencies first and then "
@@ -1174,6 +1177,9 @@ def write_docs(path: Path, out: Path) -> None:
         "kept); the original method and the float ceiling "
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
+        "- 'effort E' sections: the .sdl series is written as `Image.save(..., quality=q, effort=E)` writes it "
+        "(docs/refine.md: refinement in the level's stages, a cosine learning rate each, the coder's own bits as "
+        "the rate term); the original method, AVIF and the float ceiling keep the encoder's latents.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
         "- Coding efficiency: `transform_coder_stats` in benchmarks/rd_metrics.py re-runs the coder's probability "
         "model (pillow_sdlatent/core/transform_coder.py) on the decoded symbols.",
