@@ -111,3 +111,17 @@ def test_cli_effort(taesd_dir: Path, kodak_crop: Image.Image, tmp_path: Path) ->
     with pytest.raises(SystemExit) as exc:
         cli.main(["convert", str(src), "-o", str(tmp_path / "x.sdl"), "--effort", "12"])
     assert exc.value.code == 2
+
+
+def test_latents_written_as_they_are_whatever_the_effort(monkeypatch: pytest.MonkeyPatch) -> None:
+    # write_latents has no image to search against: an effort set for Image.save must not break it
+    from pillow_sdlatent.latents import write_latents
+
+    z = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 8, 8)).astype(np.float32))
+    monkeypatch.setenv("SDLATENT_EFFORT", "5")
+    a = io.BytesIO()
+    write_latents(a, z, model_id="my-vae", fingerprint=bytes(16).hex(), quality=60)
+    monkeypatch.delenv("SDLATENT_EFFORT")
+    b = io.BytesIO()
+    write_latents(b, z, model_id="my-vae", fingerprint=bytes(16).hex(), quality=60)
+    assert a.getvalue() == b.getvalue()
