@@ -9,11 +9,12 @@ DCT coefficients), so
 refinement starts from the encoder's latents and takes Adam steps on the
 pixel error of ``decoder(quantize(latents))`` (:func:`distortion`: the MSE
 at full and coarser scales), with the straight-through gradient through the
-rounding, plus a rate term (each latent's distance from
-the dead zone's centre, in steps, which the coder's bits follow), and keeps
+rounding, plus a rate term (:data:`RATE`: the range coder's own bits of the
+AC coefficients under the models the start latents choose), and keeps
 the best iterate it has *seen*: the forward pass is the file's own decode, so
-the result is never worse (in distortion + weight x rate proxy) than the encoder's
-latents on the same grid. Without a quantizer (latents stored at high
+the result is never worse (in distortion + rate term) than the encoder's
+latents on the same grid. The steps run in stages (:mod:`pillow_sdlatent.effort`),
+each a cosine decay of the learning rate from the best latents so far. Without a quantizer (latents stored at high
 precision) the loss is the distortion of the float latents' decode.
 
 Measured (benchmarks/rd.py --refine, docs/refine.md): refining against the
@@ -114,9 +115,10 @@ def refine_latents(
 
     ``quantizer``: the elementwise map from latents to what a reader dequantizes (e.g.
     :func:`transform_quantizer`); the loss is then on the quantized decode, with straight-through
-    gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a
-    ``rate`` proxy (:func:`transform_quantizer`) adds ``rate_weight`` (default :data:`RATE_WEIGHT`) times
-    it to the loss, so "best" is the lowest distortion + rate cost, not the lowest distortion alone.
+    gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a rate
+    (:func:`transform_quantizer`) adds its rate term to the loss (:func:`_cost`; ``rate_weight`` replaces
+    :data:`RATE_LAMBDA`, or :data:`RATE_WEIGHT` with ``RATE = "proxy"``; 0: none), so "best" is the lowest
+    distortion + rate cost, not the lowest distortion alone.
 
     ``steps``: a number of steps, or the steps of each stage (:mod:`pillow_sdlatent.effort`): through a
     quantizer, each stage restarts Adam from the best latents seen so far with the learning rate decaying from
