@@ -262,8 +262,8 @@ def encode_chunks(
     steps = search_stages(refine, effort)
     if steps and (rgb is None or not isinstance(model, Autoencoder)):
         raise ValueError(
-            f"refining ({'refine' if refine else 'effort'}: stages of {steps} steps) needs the image (rgb=...) "
-            f"and the autoencoder itself (model=...); pass effort=0"
+            f"refine needs the image (rgb=...) and the autoencoder itself (model=...): the options ask for "
+            f"{sum(steps)} refinement steps (stages {steps}); pass effort=0 and refine=0 to write latents as they are"
         )
     preview_of = rgb if preview else None
 
