@@ -119,8 +119,9 @@ CODING_FIELDS = (
 # ---------------------------------------------------------------- small helpers
 
 
-def model_label(model_id: str, refine: int = 0) -> str:
+def model_label(model_id: str, refine: int = 0, effort: int = 0) -> str:
     label = LABELS.get(model_id, model_id.rsplit("/", 1)[-1])
+    label = f"{label} effort {effort}" if effort else label
     return f"{label} +refine {refine}" if refine else label
 
 
@@ -282,6 +283,7 @@ class Options:
     anchor_qualities: list[int]
     threads: int
     refine: int = 0  # latent refinement steps of the .sdl series (the original method keeps the encoder's latents)
+    effort: int = 0  # the .sdl series' effort level (refine, when set, overrides its steps)
 
 
 _W: dict[str, Any] = {}  # per-process state: options, model, metrics, cache snapshot
@@ -383,7 +385,7 @@ def process_image(path: Path) -> ImageResult:
     """Every measurement of one image under the worker's model."""
     from pillow_sdlatent.core.codec import decode_bytes
     from pillow_sdlatent.core.settings import settings_for
-    from pillow_sdlatent.models.refine import POOLED_LEVELS, RATE_WEIGHT
+    from pillow_sdlatent.models import refine as rf
     from pillow_sdlatent.pipeline import decode_rgb
 
     t0 = time.perf_counter()
@@ -393,7 +395,7 @@ def process_image(path: Path) -> ImageResult:
     h, w = ref.shape[:2]
     img = _Image(path, ref, f"{path.name}:{opts.crop or 'full'}:{path.stat().st_size}")
     mk = f"{model_key(model)}:preview{int(opts.preview)}"
-    label = model_label(model.model_id, opts.refine)
+    label = model_label(model.model_id, opts.refine, opts.effort)
     rows: list[dict[str, Any]] = []
     coding: list[dict[str, Any]] = []
 
@@ -420,7 +422,7 @@ def process_image(path: Path) -> ImageResult:
 
     def sdl(q: int) -> tuple[int, np.ndarray, dict[str, Any]]:
         # as Image.save(..., quality=q, refine=N) writes it: refined through the quantizer of this quality
-        data, chunks = sdl_file(img.z, ref, quality=q, refine=opts.refine)
+        data, chunks = sdl_file(img.z, ref, quality=q, refine=opts.refine or None, effort=opts.effort)
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
@@ -432,7 +434,10 @@ def process_image(path: Path) -> ImageResult:
     budgets: dict[int, int] = {}
     for q in opts.qualities:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
-        rtag = f"|refine{opts.refine}|rate{RATE_WEIGHT:g}|pooled{POOLED_LEVELS}" if opts.refine else ""
+        search = f"|rate{rf.RATE_WEIGHT:g}|pooled{rf.POOLED_LEVELS}|{rf.SCHEDULE}{rf.LEARNING_RATE_QUANTIZED:g}"
+        search += f"|{rf.RATE}{rf.RATE_LAMBDA:g}" if rf.RATE != "proxy" else ""
+        rtag = f"|refine{opts.refine}{search}" if opts.refine else ""
+        rtag += f"|effort{opts.effort}{search}" if opts.effort and not opts.refine else ""
         coder = settings_for(q, "auto", model.latent_channels).coder  # the method "auto" stands for
         rtag += f"|{coder}-format{FORMAT_VERSION}"  # files of the draft streams are another cache entry
         ent = img.measured(f"sdl|{img.key}|{mk}{rtag}|{q}", lambda q=q: sdl(q))
@@ -521,7 +526,7 @@ def run_model(spec: str, images: list[Path], args: argparse.Namespace, cache: Ca
     from pillow_sdlatent.models import load_model
 
     model = load_model(spec, "cpu")
-    label = model_label(model.model_id, args.refine)
+    label = model_label(model.model_id, args.refine, args.effort)
     c = model.latent_channels
     qualities = args.quality or list(QUICK.get(c, QUICK_WIDE) if args.quick else QUALITIES.get(c, QUALITIES_WIDE))
     opts = Options(
@@ -534,6 +539,7 @@ def run_model(spec: str, images: list[Path], args: argparse.Namespace, cache: Ca
         args.anchor_qualities if args.anchor_qualities is not None else ([0, 16] if args.quick else [0, 8, 16, 24, 32]),
         args.threads,
         args.refine,
+        args.effort,
     )
     probe = rm.Metrics(jod_enabled=opts.jod)
     print(
@@ -1092,6 +1098,9 @@ def write_docs(path: Path, out: Path) -> None:
         "--jobs 2 --docs docs/benchmarks.md",
         "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesdxl --refine 10 --quality 40 50 60 75 "
         "--jobs 2 --docs docs/benchmarks.md",
+        "# the .sdl series at an effort level (save option effort=E; only AVIF beside it, the rest is in the cache):",
+        "../benchvenv/bin/python benchmarks/rd.py --model ../shared/models/taesd --effort 1 --quality 40 50 60 75 90 "
+        "--codecs AVIF --jobs 2 --docs docs/benchmarks.md",
         "```",
         "",
         "(The runs below used `/work/benchvenv`, made as above or with the dependencies first and then "
@@ -1168,6 +1177,9 @@ def write_docs(path: Path, out: Path) -> None:
         "kept); the original method and the float ceiling "
         "keep the encoder's latents, "
         "so 'ΔJOD vs float' can be positive there.",
+        "- 'effort E' sections: the .sdl series is written as `Image.save(..., quality=q, effort=E)` writes it "
+        "(docs/refine.md: refinement in the level's stages, a cosine learning rate each, the coder's own bits as "
+        "the rate term); the original method, AVIF and the float ceiling keep the encoder's latents.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
         "- Coding efficiency: `transform_coder_stats` in benchmarks/rd_metrics.py re-runs the coder's probability "
         "model (pillow_sdlatent/core/transform_coder.py) on the decoded symbols.",
@@ -1219,6 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STEPS",
         help="refine the .sdl series' latents this many steps through the decoder (separate report per model)",
     )
+    ap.add_argument("--effort", type=int, default=0, choices=range(10), metavar="0-9",
+                    help="the .sdl series' effort level (save option effort; separate report per model)")  # fmt: skip
     ap.add_argument("--no-preview", action="store_true", help="write .sdl files without the prVw preview chunk")
     ap.add_argument("--no-jod", action="store_true", help="skip ColorVideoVDP even where it imports")
     ap.add_argument("--jobs", type=int, default=1, help="images processed in parallel (processes)")

@@ -23,20 +23,33 @@ imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none --pooled-levels 0 4 \
         --rate-weights 0.02 0.04 --jod
     python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
+
+``--search`` compares versions of the search itself on the issue's three 256x256 crops (kodim03, kodim15,
+kodim23 at (256, 128)-(512, 384)) through ``latents_for_file`` (what ``Image.save`` writes), each variant
+``label:NAME=value,...`` patching constants of pillow_sdlatent.models.refine (or ``effort.NAME``) for its run,
+next to AVIF (Pillow, speed 6) at the highest quality not larger than the .sdl file:
+
+    ../benchvenv/bin/python benchmarks/refine.py --search --threads 1 --quality 60 75 --stages 10 \
+        --variants "constant:SCHEDULE=constant" "cosine:" "bits:RATE=bits"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pillow_sdlatent.core import rangecode as rc
+from pillow_sdlatent.core import transform_coder as tc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -89,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing", action="store_true", help="only time a decode and refinement steps (TAESD 768x512, "
                     "SD VAE architecture with random weights at 256x256 and 512x512)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--search", action="store_true", help="compare search variants (see the module's docstring)")
+    ap.add_argument("--stages", nargs="+", type=int, default=[10], help="--search: refinement steps of each stage")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.timing:
         return timing(args)
+    if args.search:
+        return search(args)
 
     import pillow_sdlatent  # noqa: F401  (registers the plugin)
     from pillow_sdlatent.core import transform_coder
@@ -179,6 +196,197 @@ def main(argv: list[str] | None = None) -> int:
     for (q, name), rows in sorted(sums.items(), key=lambda kv: (kv[0][0], variants.index(kv[0][1]))):
         m = np.mean(rows, axis=0)
         print(f"| {q} | {name} | {m[0]:.4f} | {m[1]:.2f} |" + (f" {m[2]:.3f} |" if metrics else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- RDO of the coefficients (measured, not shipped)
+# Variant "rdo.lambda=K" of --search: after the search, each AC coefficient may be lowered one step towards zero
+# and a channel's trailing bands dropped where K x the bits saved (under the coder's own models) outweigh the
+# added distortion in squared quantizer steps. It did not beat the quality curve (docs/refine.md).
+#: RDO's Lagrange multiplier: bits are worth RDO_LAMBDA squared quantizer steps of distortion.
+RDO_LAMBDA = 0.12
+#: Exponent of the band weight in RDO's distortion: 0 counts the error in each coefficient's own step
+#: (the steps already follow the decoder's sensitivity), 1 in latent units (the channel weights only).
+RDO_BAND_EXPONENT = 0.0
+#: Passes of RDO (the coder's models are chosen again from the new symbols before each).
+RDO_PASSES = 2
+
+
+def value_bits(values: np.ndarray, L: int, sh: int, shape: int) -> np.ndarray:
+    """Bits the range coder spends on each residual of ``values`` (int64) under model (sh, shape), escapes
+    included (as :func:`.rangecode.model_costs` counts them)."""
+    b = np.clip((values >> sh) + rc.R + 1, 0, rc.NB - 1)
+    bits = -rc.log2_probabilities()[shape][b] + sh
+    return bits + np.where((b == 0) | (b == rc.NB - 1), np.log2(rc.escape_alphabet(L, sh)), 0.0)
+
+
+def best_model(r: np.ndarray, L: int) -> tuple[int, int, float]:
+    """(sh, shape, bits) of the model with the fewest bits for residuals ``r`` (its own change not counted)."""
+    t = rc.model_costs(r, L)
+    sh, shape = np.unravel_index(int(np.argmin(t)), t.shape)
+    return int(sh), int(shape), float(t[sh, shape])
+
+
+def rdo_symbols(
+    X: np.ndarray, q: np.ndarray, steps: np.ndarray, wp: np.ndarray, levels: np.ndarray, lam: float
+) -> np.ndarray:
+    """The signed indices ``q`` (C, H, W) of coefficients ``X`` after RDO (a new array; DC untouched).
+
+    ``steps``: (C,) the channels' steps; ``wp``: (H, W) band weight plane; ``levels``: (C,) alphabets."""
+    q = q.copy()
+    C = q.shape[0]
+    band_w = wp[:4, :4]
+    for c in range(C):
+        L = int(levels[c])
+        for _ in range(RDO_PASSES):
+            for u, v in tc.ZIGZAG[1:]:
+                qb = q[c, u::4, v::4]
+                if not qb.any():
+                    continue
+                t = X[c, u::4, v::4] / (steps[c] * band_w[u, v])
+                dw = band_w[u, v] ** (2 * RDO_BAND_EXPONENT)
+                sh, shape, _ = best_model(qb.ravel().astype(np.int64), L)
+                lower = qb - np.sign(qb)
+                cost_now = dw * (t - qb) ** 2 + lam * value_bits(qb.astype(np.int64), L, sh, shape)
+                cost_low = dw * (t - lower) ** 2 + lam * value_bits(lower.astype(np.int64), L, sh, shape)
+                q[c, u::4, v::4] = np.where(cost_low < cost_now, lower, qb)
+        # trailing bands: drop the last coded band while its bits are worth more than its distortion
+        for u, v in reversed(tc.ZIGZAG[1:]):
+            qb = q[c, u::4, v::4]
+            if not qb.any():
+                continue
+            t = X[c, u::4, v::4] / (steps[c] * band_w[u, v])
+            dw = band_w[u, v] ** (2 * RDO_BAND_EXPONENT)
+            _, _, bits = best_model(qb.ravel().astype(np.int64), L)
+            if dw * float(((t**2) - (t - qb) ** 2).sum()) < lam * bits:
+                q[c, u::4, v::4] = 0
+            else:
+                break
+    return q
+
+
+def rdo_latents(latents: np.ndarray, params: tc.Params, lam: float | None = None) -> np.ndarray:
+    """Latents (C, h, w) float32 that the transform quantizer on ``params`` turns into the RDO'd symbols of
+    ``latents``: each whole 4x4 block's latents become the dequantized values of its chosen coefficients (the
+    quantizer then gives back exactly those); blocks cut by the latents' edge keep their latents."""
+    lam = RDO_LAMBDA if lam is None else lam
+    z = np.asarray(latents, np.float32)
+    _, offsets, weights = params
+    h, w = z.shape[1:]
+    H, W = tc.coefficient_shape(h, w)
+    syms, _, scale, levels, _ = tc.quantize(z, 0, params)
+    zero = ((levels.astype(np.int64) - 1) // 2)[:, None, None]
+    q = syms.astype(np.int64) - zero
+    zc = np.nan_to_num(z.astype(np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+    x = np.pad(zc, ((0, 0), (0, H - h), (0, W - w)), mode="edge") - np.asarray(offsets)[:, None, None]
+    X = tc.forward(x)
+    wp = np.tile(np.asarray(weights, np.float64).reshape(4, 4), (H // 4, W // 4)) / 16.0
+    sc = scale.astype(np.float64)
+    q2 = rdo_symbols(X, q, sc, wp, levels, lam)
+    y = tc.inverse(q2 * sc[:, None, None] * wp) + np.asarray(offsets)[:, None, None]
+    out = z.copy()
+    hf, wf = h - h % 4, w - w % 4  # whole blocks only
+    out[:, :hf, :wf] = y[:, :hf, :wf].astype(np.float32)
+    csyms, _, _, clevels, _ = tc.quantize(out, 0, params)
+    check = csyms.astype(np.int64) - ((clevels.astype(np.int64) - 1) // 2)[:, None, None]
+    want = np.where(np.arange(H)[:, None] < hf, 1, 0) * np.where(np.arange(W)[None, :] < wf, 1, 0)
+    if not np.array_equal(np.where(want > 0, check, 0), np.where(want > 0, q2, 0)):
+        return z  # float rounding moved a symbol (never seen): keep the encoder's latents
+    return out
+
+
+SEARCH_CROPS = (("kodim03", (256, 128, 512, 384)), ("kodim15", (256, 128, 512, 384)), ("kodim23", (256, 128, 512, 384)))
+
+
+def _patches(spec: str) -> tuple[str, dict[str, dict[str, object]]]:
+    """``label:NAME=value,effort.NAME=value`` -> (label, {module: {NAME: value}}); values are Python literals
+    or bare words (strings)."""
+    import ast
+
+    label, _, rest = spec.partition(":")
+    out: dict[str, dict[str, object]] = {"refine": {}, "effort": {}, "rdo": {}}
+    for item in filter(None, rest.split(",")):
+        name, _, text = item.partition("=")
+        module, _, name = name.rpartition(".")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out[module or "refine"][name] = value
+    return label, out
+
+
+def search(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import rd_metrics
+    from rd import decode_any, encode_codec, highest_fitting
+
+    import pillow_sdlatent.effort as effort_module
+    from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.core.codec import decode_bytes
+    from pillow_sdlatent.core.settings import settings_for
+    from pillow_sdlatent.models import load_model
+    from pillow_sdlatent.models import refine as refine_module
+    from pillow_sdlatent.pipeline import decode_rgb, encode_chunks, encode_latents, file_bytes, latents_for_file
+
+    metrics = rd_metrics.Metrics()
+    model = load_model(args.model, "cpu")
+    print(f"model {model.model_id}, stages {args.stages}, {cpu_name()}, {args.threads} thread(s), "
+          f"torch {torch.__version__}")  # fmt: skip
+    crops = []
+    for name, box in SEARCH_CROPS:
+        with Image.open(SHARED / "data" / "kodak" / f"{name}.png") as im:
+            rgb = np.asarray(im.convert("RGB").crop(box))
+        crops.append((name, rgb, encode_latents(model, rgb, 0)))
+    avif: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
+
+    def avif_at(name: str, rgb: np.ndarray, budget: int) -> tuple[float, float] | None:
+        size = {}
+
+        def size_of(q: int) -> int:
+            if (name, q) not in avif:
+                data = encode_codec("AVIF", rgb, q)
+                avif[(name, q)] = (len(data), decode_any(data))
+            size[q] = avif[(name, q)][0]
+            return size[q]
+
+        q = highest_fitting(size_of, budget)
+        if q is None:
+            return None
+        out = avif[(name, q)][1]
+        return rd_metrics.psnr(rgb, out), metrics.jod(rgb, out) if metrics.has_jod else float("nan")
+
+    rows: dict[tuple[str, int], list[list[float]]] = {}
+    for spec in args.variants:
+        label, patch_sets = _patches(spec)
+        with contextlib.ExitStack() as stack:
+            for module, values in ((refine_module, patch_sets["refine"]), (effort_module, patch_sets["effort"])):
+                if values:
+                    stack.enter_context(patch.multiple(module, **values))
+            rdo = float(patch_sets["rdo"].get("lambda", 0))
+            for name, rgb, z in crops:
+                for q in args.quality:
+                    s = settings_for(q, "auto", model.latent_channels)
+                    t0 = time.perf_counter()
+                    zq, sq = latents_for_file(model, rgb, z, s, tuple(args.stages))
+                    if rdo:
+                        sq = replace(sq, grid=sq.grid or transform_coder.params(zq, q))
+                        zq = rdo_latents(zq, sq.grid, rdo)
+                    secs = time.perf_counter() - t0
+                    data = file_bytes(encode_chunks(zq, model, size=(rgb.shape[1], rgb.shape[0]), settings=sq, rgb=rgb))
+                    out = decode_rgb(decode_bytes(data), model)
+                    jod = metrics.jod(rgb, out) if metrics.has_jod else float("nan")
+                    a = avif_at(name, rgb, len(data)) or (float("nan"), float("nan"))
+                    row = [len(data) * 8 / (rgb.shape[0] * rgb.shape[1]), rd_metrics.psnr(rgb, out), jod, *a, secs]
+                    rows.setdefault((label, q), []).append(row)
+                    print(f"{label} {name} q{q}: " + " ".join(f"{v:.4f}" for v in row), file=sys.stderr, flush=True)
+    print()
+    print("| variant | quality | bpp | PSNR dB | JOD | AVIF at <= bytes, PSNR / JOD | JOD gap to AVIF | s per crop |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (label, q), rs in rows.items():
+        m = np.mean(rs, axis=0)
+        print(f"| {label} | {q} | {m[0]:.4f} | {m[1]:.2f} | {m[2]:.3f} | {m[3]:.2f} / {m[4]:.2f} | {m[4] - m[2]:.2f} "
+              f"| {m[5]:.1f} |")  # fmt: skip
     return 0
 
 

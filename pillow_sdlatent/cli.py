@@ -369,7 +369,8 @@ class Converter:
         # The encode path Image.save takes after the encoder (refinement, codec, the prVw preview unless --no-preview).
         chunks = encode_chunks(
             z, model, size=size, mode=stored, alpha=alpha, rgb=rgb, quality=self.args.quality,
-            method=self.args.method, refine=self.args.refine, preview=not self.args.no_preview, info=info,
+            method=self.args.method, refine=self.args.refine, effort=self.args.effort,
+            preview=not self.args.no_preview, info=info,
         )  # fmt: skip
         job.dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(job.dst) as f:
@@ -549,11 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "; when decoding, overrides the model the file names (its fingerprint must match)")  # fmt: skip
     conv.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: SDLATENT_DEVICE, then the best available)")
     conv.add_argument(
+        "--effort",
+        type=int,
+        metavar="0-9",
+        help="how hard the encoder searches through the decoder (default: SDLATENT_EFFORT, else 0: no search; "
+        "files decode as fast at every level; seconds per level in docs/refine.md)",
+    )
+    conv.add_argument(
         "--refine",
         type=int,
         metavar="STEPS",
-        help="latent refinement steps through the decoder "
-        "(default: SDLATENT_REFINE, else 0; each step costs two to three decodes; see docs/refine.md)",
+        help="expert override of the effort's refinement: this many steps through the decoder in one stage "
+        "(default: SDLATENT_REFINE, else the effort's; each step costs two to three decodes; see docs/refine.md)",
     )
     conv.add_argument("-b", "--batch-size", type=int, metavar="N",
                       help="images per forward pass (default: 1 on the CPU, 8 on GPUs)")  # fmt: skip
@@ -600,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quality must be in 0..100")
     if getattr(args, "refine", None) is not None and args.refine < 0:
         parser.error("--refine must be a number of steps >= 0")
+    if getattr(args, "effort", None) is not None and not 0 <= args.effort <= 9:
+        parser.error("--effort must be in 0..9")
     try:
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the try

@@ -151,9 +151,11 @@ def latent_chunks(
     """The chunks :func:`write_latents` writes (see there)."""
     z = _as_numpy(latents)
     identity = ModelIdentity(*_model_identity(model, model_id, fingerprint, downscale, z.shape[0]))
+    # latents made elsewhere, without their image: written as they are, whatever the effort options say
     return encode_chunks(
-        z, identity, size=size, mode=mode, alpha=alpha, quality=quality, method=method, settings=settings, info=info
-    )
+        z, identity, size=size, mode=mode, alpha=alpha, quality=quality, method=method, settings=settings, info=info,
+        refine=0, effort=0,
+    )  # fmt: skip
 
 
 def write_latents(

@@ -19,7 +19,8 @@ DEVICE                 SDLATENT_DEVICE              ``auto``: cuda > mps > cpu
 DTYPE                  SDLATENT_DTYPE               bfloat16 on CPUs with AMX, else float32; GPUs bfloat16/float16
 BACKEND                SDLATENT_BACKEND             ``auto``: OpenVINO on the CPU when installed, else torch
 TILE_SIZE              SDLATENT_TILE_SIZE           chosen from the model and the device
-REFINE                 SDLATENT_REFINE              0
+EFFORT                 SDLATENT_EFFORT              0 (0..9: the encoder's search, see docs/refine.md)
+REFINE                 SDLATENT_REFINE              the effort's (an expert override of its steps)
 DENOISE                SDLATENT_DENOISE             0.0
 DENOISE_MODEL          SDLATENT_DENOISE_MODEL       ``stable-diffusion-v1-5/stable-diffusion-v1-5``
 ALLOW_DOWNLOAD         SDLATENT_ALLOW_DOWNLOAD      False: a file makes the package download only its known models
@@ -66,9 +67,14 @@ DTYPE: str | None = None
 #: in one tile is never tiled. See :mod:`pillow_sdlatent.models.tiling`.
 TILE_SIZE: int | None = None
 
-#: Encoder-side latent refinement: gradient steps through the decoder before quantizing (0: off).
-#: Files stay valid for every reader; encoding costs about two to three decodes a step, so it is
-#: for GPUs or patient CPUs. See :mod:`pillow_sdlatent.models.refine`.
+#: How hard the writer searches for the file's symbols, 0..9 (default 0: none, today's save time); each
+#: level a budget of refinement steps through the decoder (see :mod:`pillow_sdlatent.effort`, docs/refine.md).
+#: Files stay valid for every reader and decode at the same cost.
+EFFORT: int | None = None
+
+#: Expert override of the effort's refinement: this many gradient steps through the decoder, in one stage
+#: (0: none, whatever the effort). Each step costs about two to three decodes, so it is for GPUs or patient
+#: CPUs. See :mod:`pillow_sdlatent.models.refine`.
 REFINE: int | None = None
 
 #: Diffusion denoising strength applied to latents before decoding (0: off). Opt-in:
@@ -97,7 +103,7 @@ BACKEND: str | None = None
 
 def _parse(kind: str, value: Any, from_env: bool) -> Any:
     """``value`` checked for ``kind``; the environment's text converted first. Raises ValueError."""
-    if from_env and kind in ("count", "pixels", "side", "strength", "flag"):
+    if from_env and kind in ("count", "pixels", "side", "strength", "flag", "effort"):
         table = {
             "1": True,
             "true": True,
@@ -111,7 +117,7 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
         try:
             value = (
                 int(value)
-                if kind in ("count", "pixels", "side")
+                if kind in ("count", "pixels", "side", "effort")
                 else float(value)
                 if kind == "strength"
                 else table[value.lower()]
@@ -124,6 +130,7 @@ def _parse(kind: str, value: Any, from_env: bool) -> Any:
         "text": lambda v: isinstance(v, (str, os.PathLike)) and bool(os.fspath(v)),
         "paths": lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in v),
         "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "effort": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9,
         "pixels": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "side": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
@@ -141,6 +148,7 @@ _KINDS = {
     "text": "must be a non-empty string",
     "paths": f"must be folders separated by {os.pathsep!r}, or a list of folders",
     "count": "must be a number of steps >= 0",
+    "effort": "must be an integer 0..9",
     "pixels": "must be a number of pixels >= 0 (0: no budget)",
     "side": "must be 0 (never tile) or a side in pixels",
     "strength": "must be a number in 0..1",
@@ -157,6 +165,7 @@ SETTINGS: dict[str, tuple[str | None, str, Any]] = {
     "DEVICE": ("SDLATENT_DEVICE", "any", None),
     "DTYPE": ("SDLATENT_DTYPE", "any", None),
     "TILE_SIZE": ("SDLATENT_TILE_SIZE", "side", None),
+    "EFFORT": ("SDLATENT_EFFORT", "effort", 0),
     "REFINE": ("SDLATENT_REFINE", "count", 0),
     "DENOISE": ("SDLATENT_DENOISE", "strength", 0.0),
     "DENOISE_MODEL": ("SDLATENT_DENOISE_MODEL", "text", None),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -86,6 +86,31 @@ def refine_steps(refine: int | None = None) -> int:
     return options.resolve("REFINE", refine)
 
 
+def search_stages(refine: int | Sequence[int] | None = None, effort: int | None = None) -> tuple[int, ...]:
+    """The refinement stages a file's encode runs (:mod:`.effort`): those of the effort level
+    (``options.resolve("EFFORT", effort)``, default 0: none), unless ``refine`` (the expert knob, resolved as
+    :func:`refine_steps`) is set at least as close to the call (argument > ``options`` > environment) as the
+    effort: then one stage of that many steps (``refine=0``: none, whatever the effort). A sequence of stages
+    (benchmarks) is taken as it is. Checks both, whichever wins."""
+    from .effort import level
+    from .models.refine import stage_lengths
+
+    value, effort_from = options.resolve_with_source("EFFORT", effort)
+    stages = level(value).stages
+    if refine is not None and not isinstance(refine, int):
+        return stage_lengths(refine)
+    steps, refine_from = options.resolve_with_source("REFINE", refine)
+    if refine_from == "default" or _closeness(refine_from) < _closeness(effort_from):
+        return stages
+    return stage_lengths(steps)
+
+
+def _closeness(where: str) -> int:
+    """3 for an argument, 2 for an ``options`` attribute, 1 for the environment, 0 for the default."""
+    return 0 if where == "default" else 2 if where.startswith("pillow_sdlatent.options.") else \
+        1 if where.startswith("SDLATENT_") else 3  # fmt: skip
+
+
 def encode_latents(model: Autoencoder, rgb: np.ndarray, refine: int | None = None) -> np.ndarray:
     """(C, h, w) float32 latents of one RGB image, refined ``refine`` steps against the float decode
     (see :func:`refine_steps`; to refine for a file, use :func:`latents_for_file`)."""
@@ -98,18 +123,24 @@ def encode_latents(model: Autoencoder, rgb: np.ndarray, refine: int | None = Non
 
 
 def latents_for_file(
-    model: Autoencoder, rgb: np.ndarray, latents: np.ndarray, settings: QuantSettings, refine: int | None = None
+    model: Autoencoder,
+    rgb: np.ndarray,
+    latents: np.ndarray,
+    settings: QuantSettings,
+    refine: int | Sequence[int] | None = None,
+    effort: int | None = None,
 ) -> tuple[np.ndarray, QuantSettings]:
-    """The latents and settings to write for ``latents``, the encoder's output for ``rgb``.
+    """The latents and settings to write for ``latents``, the encoder's output for ``rgb``, after the search
+    that ``refine``/``effort`` ask for (:func:`search_stages`).
 
-    Without refinement: unchanged. With ``refine`` steps and the transform quantizer: refined through its
+    Without refinement: unchanged. With refinement and the transform quantizer: refined through its
     torch twin on the parameters (steps and offsets) the encoder's latents choose, on the
     pixel error at several scales plus a rate term, and the settings pinned to that grid (never a worse
     distortion + rate cost than the encoder's latents: see :mod:`.models.refine`). With the other quantizers
     (their grids move with the latents): refined against the float decode, and the encoder's latents
     kept when those decode closer once quantized (:func:`best_quantized`).
     """
-    steps = refine_steps(refine)
+    steps = search_stages(refine, effort)
     if not steps:
         return latents, settings
     from .core import transform_coder
@@ -202,6 +233,7 @@ def encode_chunks(
     target_size: int | None = None,
     target_bpp: float | None = None,
     refine: int | None = None,
+    effort: int | None = None,
     preview: bool = True,
     info: dict | None = None,
     extra: list[Chunk] | None = None,
@@ -219,7 +251,7 @@ def encode_chunks(
     target_size, target_bpp: a byte budget instead of ``quality``: the highest quality that fits
         (see :mod:`.core.ratecontrol`); refined files are refined at the quality found, and the
         unrefined file is kept if the refined one overshoots.
-    refine: refinement steps (:func:`refine_steps`).
+    refine, effort: the encoder's search (:func:`search_stages`; :mod:`.effort`).
     info: ``exif``/``icc_profile``/``xmp`` metadata; ``extra``: further ancillary chunks.
     """
     c, lh, lw = latents.shape
@@ -227,9 +259,12 @@ def encode_chunks(
         size = (lw * model.downscale, lh * model.downscale)
     budget = ratecontrol.budget_bytes(size[0], size[1], target_size, target_bpp)
     choose = settings_chooser(c, quality, method, dither, palette_size, settings, budget)
-    steps = refine_steps(refine)
+    steps = search_stages(refine, effort)
     if steps and (rgb is None or not isinstance(model, Autoencoder)):
-        raise ValueError("refine needs the image (rgb=...) and the autoencoder itself (model=...)")
+        raise ValueError(
+            f"refine needs the image (rgb=...) and the autoencoder itself (model=...): the options ask for "
+            f"{sum(steps)} refinement steps (stages {steps}); pass effort=0 and refine=0 to write latents as they are"
+        )
     preview_of = rgb if preview else None
 
     def build(s: QuantSettings, z: np.ndarray = latents) -> list[Chunk]:
@@ -259,14 +294,14 @@ def encode_image(
 ) -> list[Chunk]:
     """All chunks of the .sdl file ``Image.save`` writes for ``im``: the image -> latents part of the
     encode path, then :func:`encode_chunks` (``save_options``: its keyword arguments, e.g. ``quality``,
-    ``target_bpp``, ``refine``, ``preview``). Every option is checked before the encoder runs."""
+    ``target_bpp``, ``effort``, ``refine``, ``preview``). Every option is checked before the encoder runs."""
     if im.width == 0 or im.height == 0:
         raise ValueError("cannot write empty image")
     opt = save_options.get
     budget = ratecontrol.budget_bytes(im.width, im.height, opt("target_size"), opt("target_bpp"))
     choice = (opt("quality"), opt("method", "auto"), opt("dither"), opt("palette_size"), opt("settings"), budget)
     check_choice(*choice)
-    refine_steps(opt("refine"))
+    search_stages(opt("refine"), opt("effort"))
     if not isinstance(model, Autoencoder):
         model = load_model(model, device)
     settings_chooser(model.latent_channels, *choice)  # the checks that need the latent channel count

@@ -62,7 +62,9 @@ class EncodeOptions:
     palette_size: int | None = None
     target_size: int | None = None  # a byte budget per file instead of quality (rate control)
     target_bpp: float | None = None
-    refine: int | None = None  # None: options.REFINE / SDLATENT_REFINE on the driver, then 0
+    effort: int | None = None  # None: options.EFFORT / SDLATENT_EFFORT on the driver, then 0
+    # None: options.REFINE / SDLATENT_REFINE on the driver, then the effort's; resolved: the stages to run
+    refine: int | tuple[int, ...] | None = None
     preview: bool = True
 
     def resolved(self) -> EncodeOptions:
@@ -70,16 +72,18 @@ class EncodeOptions:
         same; the save options checked (before any worker starts)."""
         from . import options
         from .models.registry import default_spec
-        from .pipeline import check_choice, refine_steps
+        from .pipeline import check_choice, search_stages
 
         budget = 1 if self.target_size is not None or self.target_bpp is not None else None
         check_choice(self.quality, self.method, self.dither, self.palette_size, None, budget)
         return replace(self, model=self.model or default_spec(), device=options.resolve("DEVICE", self.device),
-                       dtype=options.resolve("DTYPE", self.dtype), refine=refine_steps(self.refine))  # fmt: skip
+                       dtype=options.resolve("DTYPE", self.dtype),
+                       refine=search_stages(self.refine, self.effort), effort=0)  # fmt: skip
 
     def save_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`pillow_sdlatent.pipeline.encode_chunks`."""
-        keys = ("quality", "method", "dither", "palette_size", "target_size", "target_bpp", "refine", "preview")
+        keys = ("quality", "method", "dither", "palette_size", "target_size", "target_bpp", "refine", "effort",
+                "preview")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 
@@ -471,7 +475,7 @@ def cli_convert(args: Any, jobs: list[Any], errors: list[tuple[str, str]]) -> in
         print(f"sdlatent: error: {name}: {why}", file=sys.stderr)
     todo = [(job.src, job.dst) for job in jobs if not job.decode]
     options = EncodeOptions(model=args.model, device=args.device, quality=args.quality, method=args.method,
-                            refine=args.refine, preview=not args.no_preview)  # fmt: skip
+                            refine=args.refine, effort=args.effort, preview=not args.no_preview)  # fmt: skip
     start = time.perf_counter()
     address = None if args.ray == "local" else args.ray  # None: RAY_ADDRESS, this machine's cluster, or a new one
     connected = ray.is_initialized()  # called from a program that has its cluster: use it, leave it up

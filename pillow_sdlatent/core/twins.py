@@ -6,8 +6,10 @@ them equal), with a rate proxy, so that latent refinement (models/refine.py) opt
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import rangecode as rc
 from . import transform_coder as tc
 
 
@@ -56,3 +58,53 @@ class TransformQuantizer:
         ac = torch.ones(4, 4, dtype=X.dtype, device=z.device)
         ac[0, 0] = 0
         return (d * d * (X / s).abs() * ac).mean().to(z.dtype)
+
+    @property
+    def base_step(self) -> float:
+        """The quality's base step (latent units): the first channel's step over its channel multiplier."""
+        steps = self.params[0]
+        return float(steps[0]) / tc.channel_multipliers(len(steps))[0]
+
+    def code_length(self, z0: torch.Tensor):
+        """A differentiable twin of the coder's code length of the AC bands, for latents near ``z0``: the map
+        from latents (N, C, h, w) to the bits the range coder spends on their AC symbols
+        (:func:`.rangecode.model_costs`, escapes included) under the model (shift, shape) that the symbols of
+        ``z0`` choose for each band, with the gradient of the line between neighbouring bins' costs, placed at
+        the bins' centres (dead zone: index k at ``k + 0.2`` steps), passed straight through. The DC bands
+        (predicted from their neighbours) are not counted."""
+        X, s, dt = self._coefficients(z0.detach())
+        t = X / s
+        q = torch.sign(t) * torch.floor(t.abs() + self._rho)
+        qn = q.to(torch.int64).cpu().numpy()  # (n, c, hb, wb, 4, 4)
+        C = qn.shape[1]
+        A = int(np.abs(qn).max()) + 2
+        values = np.arange(-A, A + 1, dtype=np.int64)
+        table = np.zeros((C, 4, 4, 2 * A + 1))
+        for c in range(C):
+            L = 2 * max(1, int(np.abs(qn[:, c]).max())) + 1
+            for u in range(4):
+                for v in range(4):
+                    if u == 0 and v == 0:
+                        continue
+                    r = qn[:, c, :, :, u, v].ravel()
+                    costs = rc.model_costs(r, L)
+                    sh, shape = np.unravel_index(int(np.argmin(costs)), costs.shape)
+                    b = np.clip((values >> sh) + rc.R + 1, 0, rc.NB - 1)
+                    bits = -rc.log2_probabilities()[shape][b] + sh
+                    table[c, u, v] = bits + np.where((b == 0) | (b == rc.NB - 1), np.log2(rc.escape_alphabet(L, sh)), 0)
+        T = torch.tensor(table, dtype=dt, device=z0.device).reshape(-1)
+        base = (torch.arange(C * 16, device=z0.device) * (2 * A + 1)).view(1, C, 1, 1, 4, 4)
+        centre = 1.0 - self._rho - 0.5  # a dead-zone bin k holds |t| in [k - rho, k + 1 - rho): its centre k + 0.2
+
+        def bits(z: torch.Tensor) -> torch.Tensor:
+            X, s, _ = self._coefficients(z)
+            t = X / s
+            k = (torch.sign(t) * torch.floor(t.abs() + self._rho)).clamp(-A, A).to(torch.int64) + A + base
+            p = (torch.sign(t) * torch.relu(t.abs() - centre)).clamp(-A, A - 1e-6) + A
+            i0 = torch.floor(p).detach()
+            f = p - i0
+            i0 = i0.to(torch.int64) + base
+            soft = T[i0] * (1 - f) + T[(i0 + 1).clamp(max=T.numel() - 1)] * f
+            return (T[k] + soft - soft.detach()).sum().to(z.dtype)  # the symbols' bits, the slope between centres
+
+        return bits

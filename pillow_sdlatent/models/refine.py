@@ -9,11 +9,12 @@ DCT coefficients), so
 refinement starts from the encoder's latents and takes Adam steps on the
 pixel error of ``decoder(quantize(latents))`` (:func:`distortion`: the MSE
 at full and coarser scales), with the straight-through gradient through the
-rounding, plus a rate term (each latent's distance from
-the dead zone's centre, in steps, which the coder's bits follow), and keeps
+rounding, plus a rate term (:data:`RATE`: the range coder's own bits of the
+AC coefficients under the models the start latents choose), and keeps
 the best iterate it has *seen*: the forward pass is the file's own decode, so
-the result is never worse (in distortion + weight x rate proxy) than the encoder's
-latents on the same grid. Without a quantizer (latents stored at high
+the result is never worse (in distortion + rate term) than the encoder's
+latents on the same grid. The steps run in stages (:mod:`pillow_sdlatent.effort`),
+each a cosine decay of the learning rate from the best latents so far. Without a quantizer (latents stored at high
 precision) the loss is the distortion of the float latents' decode.
 
 Measured (benchmarks/rd.py --refine, docs/refine.md): refining against the
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -83,13 +84,26 @@ RATE_WEIGHT = 0.04
 #: (0.02), bpp / JOD: TAESD quality 60 0.136 / 7.48 -> 0.139 / 7.59, 75 0.209 / 8.17 -> 0.210 / 8.24, 40
 #: 0.055 / 5.63 -> 0.058 / 5.68; TAESDXL 75 0.214 / 7.72 -> 0.215 / 7.80.
 POOLED_LEVELS = 4
+#: Learning rate over a stage through the quantizer (:func:`learning_rate`): "cosine" or "constant" (the search
+#: before the effort levels). Measured (benchmarks/refine.py --search, the issue's three 256x256 crops, TAESD, 10
+#: steps, JOD gap to AVIF at <= bytes at quality 60 / 75): constant 0.51 / 0.51, cosine 0.46 / 0.50; a cosine from
+#: 0.06 0.50 / 0.52 (docs/refine.md).
+SCHEDULE = "cosine"
+#: The rate term through the transform quantizer: "bits" (the coder's code length under the models the
+#: start latents choose, :meth:`~pillow_sdlatent.core.twins.TransformQuantizer.code_length`) or "proxy"
+#: (:data:`RATE_WEIGHT` x the twin's ``rate``).
+RATE = "bits"
+#: With RATE "bits": bits per pixel are worth RATE_LAMBDA x (the quality's base step)^2 of distortion. Measured
+#: as SCHEDULE (cosine, 10 steps), gap to AVIF at quality 60 / 75: 0.5: 0.45 / 0.51, 1: 0.43 / 0.50, 2: 0.49 /
+#: 0.49, 4: 0.61 / 0.52; with the stages of effort 5 (40 steps) 0.24 / 0.29 against the old search's 0.33 / 0.31.
+RATE_LAMBDA = 1.0
 
 
 def refine_latents(
     model: Autoencoder,
     images: torch.Tensor,
     latents: torch.Tensor,
-    steps: int,
+    steps: int | Sequence[int],
     *,
     height: int | None = None,
     width: int | None = None,
@@ -101,18 +115,23 @@ def refine_latents(
 
     ``quantizer``: the elementwise map from latents to what a reader dequantizes (e.g.
     :func:`transform_quantizer`); the loss is then on the quantized decode, with straight-through
-    gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a
-    ``rate`` proxy (:func:`transform_quantizer`) adds ``rate_weight`` (default :data:`RATE_WEIGHT`) times
-    it to the loss, so "best" is the lowest distortion + rate cost, not the lowest distortion alone.
+    gradients, and the best iterate seen is kept (the starting latents included). A quantizer with a rate
+    (:func:`transform_quantizer`) adds its rate term to the loss (:func:`_cost`; ``rate_weight`` replaces
+    :data:`RATE_LAMBDA`, or :data:`RATE_WEIGHT` with ``RATE = "proxy"``; 0: none), so "best" is the lowest
+    distortion + rate cost, not the lowest distortion alone.
+
+    ``steps``: a number of steps, or the steps of each stage (:mod:`pillow_sdlatent.effort`): through a
+    quantizer, each stage restarts Adam from the best latents seen so far with the learning rate decaying from
+    :data:`LEARNING_RATE_QUANTIZED` to 0 on a cosine (:func:`learning_rate`); against the float decode the stages
+    are one run of their total steps at :data:`LEARNING_RATE`.
 
     ``height``/``width``: the image's size before padding to the model's multiple (the loss
     ignores the padding). Returns float32 latents on the latents' device; ``steps=0`` returns them
     unchanged. A step that makes the decoder's output non-finite stops the refinement with a
     warning and keeps the latents of the last finite step.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"refine must be a number of steps >= 0, got {steps!r}")
-    if steps == 0:
+    stages = stage_lengths(steps)
+    if not stages:
         return latents
     f = model.downscale
     n, _, lh, lw = latents.shape
@@ -129,7 +148,7 @@ def refine_latents(
             target = images[:, :, a * f : b * f, c * f : d * f].to(model.device, torch.float32)
             # the loss counts only real pixels (not the edge padding up to the model's multiple)
             mask_h, mask_w = max(0, min(b * f, height) - a * f), max(0, min(d * f, width) - c * f)
-            z = _refine_tile(model, target, latents[:, :, a:b, c:d], steps, mask_h, mask_w, quantizer, rate_weight)
+            z = _refine_tile(model, target, latents[:, :, a:b, c:d], stages, mask_h, mask_w, quantizer, rate_weight)
             out[:, :, y0:y1, x0:x1] = z[:, :, y0 - a : y1 - a, x0 - c : x1 - c].to(out.device)
     return out
 
@@ -160,6 +179,26 @@ def _tile_latents(model: Autoencoder, tile_size: int | None) -> int:
     return max(8, side - side % 4)  # a multiple of 4 (as HALO): tiles start on the transform's block grid
 
 
+def stage_lengths(steps: int | Sequence[int]) -> tuple[int, ...]:
+    """``steps`` (a count or the steps of each stage) as the non-empty stages; ValueError on anything else."""
+    parts = (steps,) if isinstance(steps, int) and not isinstance(steps, bool) else steps
+    try:
+        stages = tuple(parts)
+    except TypeError:
+        stages = (None,)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in stages):
+        raise ValueError(f"refine must be a number of steps >= 0, got {steps!r}")
+    return tuple(n for n in stages if n)
+
+
+def learning_rate(i: int, n: int) -> float:
+    """Adam's learning rate at step ``i`` of a stage of ``n`` steps through the quantizer: a cosine decay from
+    :data:`LEARNING_RATE_QUANTIZED` (its first step) towards 0 (``SCHEDULE`` "constant": the peak throughout)."""
+    if SCHEDULE == "constant":
+        return LEARNING_RATE_QUANTIZED
+    return LEARNING_RATE_QUANTIZED * 0.5 * (1 + math.cos(math.pi * i / n))
+
+
 def transform_quantizer(params: tuple):
     """The transform codec's torch twin on ``params`` (core/transform_coder.params), for :func:`refine_latents`."""
     from ..core.codec import codec_of
@@ -171,45 +210,108 @@ def _refine_tile(
     model: Autoencoder,
     target: torch.Tensor,
     start: torch.Tensor,
-    steps: int,
+    stages: tuple[int, ...],
     mask_h: int,
     mask_w: int,
     quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     rate_weight: float | None = None,
 ) -> torch.Tensor:
+    z = start.detach().to(model.device, torch.float32).clone()
+    if mask_h == 0 or mask_w == 0:  # only padding in this tile: nothing to fit
+        return z
+    goal = target[:, :, :mask_h, :mask_w]
+
+    def decode(zin: torch.Tensor) -> torch.Tensor:
+        # clamped as decode() clamps: pixels the decoder overshoots into black or white are already right
+        return model._decode_differentiable(zin)[:, :, :mask_h, :mask_w].clamp(0, 1)
+
+    if quantizer is None:
+        return _refine_float(model, z, sum(stages), lambda zz: distortion(decode(zz), goal))
+    cost = _cost(quantizer, z, rate_weight, mask_h * mask_w)
+    best, best_loss = z, math.inf
+    with torch.enable_grad():
+        for n in stages:  # each stage restarts from the best latents seen, with a fresh Adam
+            z = best.clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=learning_rate(0, n))
+            for i in range(n + 1):  # one more forward pass to score the stage's last step
+                opt.zero_grad(set_to_none=True)
+                zin = z + (quantizer(z) - z).detach()  # straight-through rounding
+                loss = distortion(decode(zin), goal) + cost(z)
+                if not bool(torch.isfinite(loss)):
+                    _warn_nonfinite(model)
+                    return best
+                if float(loss.detach()) < best_loss:
+                    best, best_loss = z.detach().clone(), float(loss.detach())
+                if i == n:
+                    break
+                loss.backward()
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(i, n)
+                opt.step()
+    return best
+
+
+def search_cost(
+    model: Autoencoder,
+    images: torch.Tensor,
+    start: torch.Tensor,
+    latents: torch.Tensor,
+    quantizer: Callable[[torch.Tensor], torch.Tensor],
+    rate_weight: float | None = None,
+) -> float:
+    """The cost refinement through ``quantizer`` minimises, of ``latents`` refined from ``start`` (one untiled
+    image (N, 3, H, W) whose size is a multiple of the model's): :func:`distortion` of the quantized decode
+    plus the rate term (whose models ``start`` chooses). What "best iterate" and the effort levels compare."""
+    z0 = start.detach().to(model.device, torch.float32)
+    z = latents.detach().to(model.device, torch.float32)
+    cost = _cost(quantizer, z0, rate_weight, images.shape[-2] * images.shape[-1])
+    with torch.no_grad():
+        out = model._decode_differentiable(quantizer(z)).clamp(0, 1)
+        return float(distortion(out, images.to(model.device, torch.float32)) + cost(z))
+
+
+def _cost(
+    quantizer: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, rate_weight: float | None, pixels: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rate part of the refinement's loss for latents like ``z``: :data:`RATE_WEIGHT` (or ``rate_weight``)
+    times the quantizer's ``rate`` proxy ("proxy"), or ``RATE_LAMBDA x step^2`` times its code length in bits
+    per pixel ("bits", :data:`RATE`); nothing for a quantizer without a rate."""
+    if RATE == "bits" and hasattr(quantizer, "code_length"):
+        bits = quantizer.code_length(z.detach())
+        lam = (RATE_LAMBDA if rate_weight is None else rate_weight) * quantizer.base_step**2 / pixels
+        return lambda zz: lam * bits(zz)
     rate = getattr(quantizer, "rate", None)
     weight = RATE_WEIGHT if rate_weight is None else rate_weight
-    z = start.detach().to(model.device, torch.float32).clone().requires_grad_(True)
-    best, best_loss = z.detach().clone(), math.inf
-    if mask_h == 0 or mask_w == 0:  # only padding in this tile: nothing to fit
-        return best
-    opt = torch.optim.Adam([z], lr=LEARNING_RATE if quantizer is None else LEARNING_RATE_QUANTIZED)
-    goal = target[:, :, :mask_h, :mask_w]
+    if rate is None or not weight:
+        return lambda zz: zz.new_zeros(())
+    return lambda zz: weight * rate(zz)
+
+
+def _refine_float(
+    model: Autoencoder, z: torch.Tensor, steps: int, loss_of: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Refinement against the float decode: ``steps`` Adam steps at :data:`LEARNING_RATE`, the last finite kept."""
+    z = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=LEARNING_RATE)
     with torch.enable_grad():
-        for i in range(steps + (quantizer is not None)):  # quantized: one more forward pass to score the last step
+        for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            zin = z if quantizer is None else z + (quantizer(z) - z).detach()  # straight-through rounding
-            # clamped as decode() clamps: pixels the decoder overshoots into black or white are already right
-            out = model._decode_differentiable(zin)[:, :, :mask_h, :mask_w].clamp(0, 1)
-            loss = distortion(out, goal)
-            if rate is not None and weight:
-                loss = loss + weight * rate(z)
+            loss = loss_of(z)
             if not bool(torch.isfinite(loss)):
-                warnings.warn(
-                    f"{model.model_id!r} gave NaN/inf while refining latents in {model.dtype}; kept the last "
-                    f"finite step (pass dtype='float32' or refine=0)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                _warn_nonfinite(model)
                 break
-            if quantizer is None:
-                best = z.detach().clone()  # the latents this finite loss belongs to
-            elif float(loss.detach()) < best_loss:
-                best, best_loss = z.detach().clone(), float(loss.detach())
-            if i == steps:
-                break
+            best = z.detach().clone()  # the latents this finite loss belongs to
             loss.backward()
             opt.step()
-        else:  # only the float loop ends without a break: its last step is kept unscored
+        else:  # its last step is kept unscored
             best = z.detach().clone()
     return best
+
+
+def _warn_nonfinite(model: Autoencoder) -> None:
+    warnings.warn(
+        f"{model.model_id!r} gave NaN/inf while refining latents in {model.dtype}; kept the last "
+        f"finite step (pass dtype='float32' or refine=0)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
