@@ -100,6 +100,10 @@ EXPECTED: dict[str, dict[str, str | tuple[str, ...]]] = {
     "rule-two-previews": {t: "ok" for t in MODEL_FREE},
     "rule-preview-large-coefficients": {t: "ok" for t in MODEL_FREE},
     "rule-300-channels-f8": {t: "FormatError@header" for t in MODEL_FREE},
+    "rule-float-nan": REJECTED,
+    "rule-float-table-row": {t: "FormatError@header" for t in MODEL_FREE},
+    "rule-float-element-4": {t: "FormatError@header" for t in MODEL_FREE},
+    "tolerant-float-cut": {"tolerant": "ok", "reader": "TruncatedError", "pillow": "TruncatedError"},
 }
 
 
