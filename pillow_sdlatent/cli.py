@@ -336,7 +336,7 @@ class Converter:
         return 1 if device.type == "cpu" else 8
 
     def _encode_batch(self, model: Any, jobs: list[Job]) -> None:
-        from .pipeline import encode_batch, split_image
+        from .pipeline import encode_each, split_image
 
         loaded = []
         for job in jobs:
@@ -350,18 +350,7 @@ class Converter:
                 self.fail(job, f"cannot read image: {_describe(exc)}")
         if not loaded:
             return
-        latents: list[Any]
-        try:
-            latents = encode_batch(model, [item[3] for item in loaded], len(loaded), refine=0)  # refined per file below
-        except Exception as exc:
-            latents = [exc] if len(loaded) == 1 else []
-        if not latents:
-            # One image broke the batch (e.g. out of memory at its size): retry one by one.
-            for item in loaded:
-                try:
-                    latents.append(encode_batch(model, [item[3]], 1, refine=0)[0])
-                except Exception as exc:
-                    latents.append(exc)
+        latents = encode_each(model, [item[3] for item in loaded], len(loaded))  # refined per file below
         for (job, size, stored, rgb, alpha, info), z in zip(loaded, latents, strict=True):
             if isinstance(z, BaseException):
                 self.fail(job, z)

@@ -308,11 +308,15 @@ class LatentIterableDataset(IterableDataset):
 
 def write_shard(path: str | os.PathLike[str], samples: Sequence[tuple[str, dict[str, bytes]]]) -> None:
     """Write a WebDataset-style tar shard: ``samples`` of ``(key, {extension: bytes})``, e.g.
-    ``("000001", {"sdl": sdl_bytes, "cls": b"3"})``, members in that order."""
-    with tarfile.open(path, "w") as tf:
+    ``("000001", {"sdl": sdl_bytes, "cls": b"3"})``, members in that order. Atomic: the shard appears complete
+    under its name or not at all (``sdlatent convert --ray --shards`` writes its shards with this too)."""
+    from ._atomic import atomic_write
+
+    for key, _ in samples:  # before anything is written
+        if "." in key.rpartition("/")[2]:
+            raise ValueError(f"a sample key cannot contain a dot (WebDataset splits names there): {key!r}")
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w") as tf:
         for key, members in samples:
-            if "." in key.rpartition("/")[2]:
-                raise ValueError(f"a sample key cannot contain a dot (WebDataset splits names there): {key!r}")
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext.lstrip('.')}")
                 info.size = len(data)

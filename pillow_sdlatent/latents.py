@@ -154,7 +154,7 @@ def _model_identity(
             raise TypeError("pass either model=... or model_id=... (with fingerprint=...), not both")
         if fingerprint is None:
             raise TypeError(
-                "model_id=... needs fingerprint=... (the model's 32-byte weights fingerprint, "
+                "model_id=... needs fingerprint=... (the model's 16-byte weights fingerprint, "
                 "load_model(spec).fingerprint); pass model=spec to have it computed"
             )
         fp = bytes.fromhex(fingerprint) if isinstance(fingerprint, str) else bytes(fingerprint)
@@ -228,7 +228,7 @@ def write_latents(
         records its id and weights fingerprint, so it decodes only with those
         weights. The spec is loaded (once, on the CPU) to compute them.
     model_id, fingerprint, downscale: the identity given directly instead of
-        ``model`` (fingerprint: 32 bytes or 64 hex digits), to write without
+        ``model`` (fingerprint: 16 bytes or 32 hex digits), to write without
         loading any weights.
     size: image ``(width, height)`` the latents decode to, cropped from the
         decoded ``(w * downscale, h * downscale)`` (default: no crop).

@@ -396,6 +396,28 @@ def encode_batch(
     return out  # type: ignore[return-value]
 
 
+def encode_each(model: Autoencoder, images: list[np.ndarray], batch_size: int) -> list[np.ndarray | Exception]:
+    """Unrefined latents of many images, ``batch_size`` to a forward pass, for converters that must not stop at
+    one bad image: a batch that fails (e.g. out of memory at one image's size) is retried one image at a
+    time, and an image that still fails stands as its exception."""
+    out: list[np.ndarray | Exception] = []
+    for start in range(0, len(images), batch_size):
+        part = images[start : start + batch_size]
+        try:
+            out += encode_batch(model, part, batch_size, refine=0)
+            continue
+        except Exception as exc:
+            if len(part) == 1:
+                out.append(exc)
+                continue
+        for rgb in part:
+            try:
+                out += encode_batch(model, [rgb], 1, refine=0)
+            except Exception as exc:
+                out.append(exc)
+    return out
+
+
 def decode_batch(
     model: Autoencoder, latents: list[np.ndarray], sizes: list[tuple[int, int]], batch_size: int = 8
 ) -> list[np.ndarray]:

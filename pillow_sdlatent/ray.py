@@ -198,20 +198,9 @@ class SdlEncoder:
                          options.palette_size, None, budget)  # fmt: skip
 
     def _latents(self, images: list[np.ndarray]) -> list[np.ndarray | Exception]:
-        from .pipeline import encode_batch
+        from .pipeline import encode_each
 
-        out: list[np.ndarray | Exception] = []
-        for start in range(0, len(images), self.forward_batch):
-            part = images[start : start + self.forward_batch]
-            try:
-                out += encode_batch(self.model, part, self.forward_batch, refine=0)
-            except Exception:  # one image broke the batch (e.g. out of memory at its size): one by one
-                for rgb in part:
-                    try:
-                        out += encode_batch(self.model, [rgb], 1, refine=0)
-                    except Exception as exc:
-                        out.append(exc)
-        return out
+        return encode_each(self.model, images, self.forward_batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .pipeline import encode_chunks, file_bytes
@@ -331,7 +320,7 @@ def shard_key(name: str) -> str:
 
 def _write_batch(batch: dict[str, np.ndarray], shards: str | None) -> dict[str, np.ndarray]:
     """Stage 3: each ok row's .sdl written atomically (and the batch's ok rows as one tar shard)."""
-    from ._atomic import atomic_write, write_bytes_atomic
+    from ._atomic import write_bytes_atomic
 
     n = len(batch["path"])
     status, error = list(batch["status"]), list(batch["error"])
@@ -351,18 +340,15 @@ def _write_batch(batch: dict[str, np.ndarray], shards: str | None) -> dict[str, 
             status[i], error[i] = ERROR, f"cannot write: {_describe(exc)}"
     shard_of = [""] * n
     if shard_rows:
-        import webdataset
+        from .dataset import write_shard
 
         keys = [shard_key(str(names[i] or batch["path"][i])) for i in shard_rows]
         target = Path(shards) / (hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] + ".tar")  # type: ignore[arg-type]
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(target) as f:
-                writer = webdataset.TarWriter(f)
-                for i, key in zip(shard_rows, keys, strict=True):
-                    meta = {"path": str(batch["path"][i]), "name": str(names[i])}
-                    writer.write({"__key__": key, "sdl": bytes(batch["sdl"][i]), "json": meta})
-                writer.close()
+            meta = [json.dumps({"path": str(batch["path"][i]), "name": str(names[i])}).encode() for i in shard_rows]
+            write_shard(target, [(key, {"sdl": bytes(batch["sdl"][i]), "json": m})
+                                 for i, key, m in zip(shard_rows, keys, meta, strict=True)])  # fmt: skip
             for i in shard_rows:
                 shard_of[i] = str(target)
         except Exception as exc:

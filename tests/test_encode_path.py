@@ -47,3 +47,25 @@ def test_refining_needs_the_image(taesd) -> None:
 
     with pytest.raises(ValueError, match="refine needs the image"):
         pipeline.encode_chunks(np.zeros((4, 3, 5), np.float32), taesd, refine=2)
+
+
+def test_encode_each_retries_a_failed_batch_one_image_at_a_time() -> None:
+    """What sdlatent convert and the Ray actors rely on: one bad image costs only itself."""
+    import numpy as np
+    import torch
+
+    class Flaky:  # batches of more than one image run out of memory; 16-pixel-wide images always fail
+        downscale = 8
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] == 16:
+                raise RuntimeError("no memory for this size")
+            if x.shape[0] > 1:
+                raise MemoryError("no memory for this batch")
+            return torch.full((1, 4, x.shape[2] // 8, x.shape[3] // 8), float(x.mean()))
+
+    images = [np.full((8, 8, 3), v, np.uint8) for v in (0, 255)] + [np.zeros((8, 16, 3), np.uint8)]
+    out = pipeline.encode_each(Flaky(), images, 3)  # type: ignore[arg-type]
+    assert [type(z).__name__ for z in out] == ["ndarray", "ndarray", "RuntimeError"]
+    assert out[0].shape == (4, 1, 1) and float(out[1].mean()) > float(out[0].mean())
+    assert isinstance(pipeline.encode_each(Flaky(), images[2:], 1)[0], RuntimeError)  # alone: no second try

@@ -43,7 +43,11 @@ def test_basis_is_the_orthonormal_dct() -> None:
     assert np.allclose(tc.BASIS, want, atol=1e-15, rtol=0)
     assert np.allclose(tc.BASIS @ tc.BASIS.T, np.eye(4), atol=1e-15)
     x = np.random.default_rng(0).normal(size=(2, 8, 12))
-    assert np.allclose(tc.inverse(tc.forward(x)), x, atol=1e-12)
+    X = tc.forward(x) / 0.001  # the inverse of forward(): dequantize with weights 16 and step 0.001
+    q = np.round(X).astype(np.int64)
+    back = tc.dequantize((q + 30000).astype(np.uint16), np.zeros(2), np.full(2, 0.001), [60001] * 2, [16] * 16,
+                         (8, 12))  # fmt: skip
+    assert np.abs(back - x).max() < 2e-3
 
 
 def test_dequantize_matches_the_spec_formula_bit_for_bit() -> None:
@@ -58,6 +62,28 @@ def test_dequantize_matches_the_spec_formula_bit_for_bit() -> None:
                 q = symbols[c, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].astype(np.int64) - zero
                 block = spec_dequantize(q, offset[c], scale[c], list(weights))[: 7 - 4 * i, : 9 - 4 * j]
                 assert block.tobytes() == got[c, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].tobytes()
+
+
+def test_dequantize_is_bit_exact_on_random_symbols_steps_and_weights() -> None:
+    # the compiled kernel against spec 5.3's formula in numpy binary64 (the reference decoder's): no fused
+    # multiply-add, no reordering, on every weight and any step
+    rng = np.random.default_rng(5)
+    C, H, W = 6, 32, 48
+    lev = rng.integers(3, 65537, C)
+    S = (rng.integers(0, 65536, (C, H, W)) % lev[:, None, None]).astype(np.uint16)
+    sc, off = rng.uniform(1e-3, 3, C).astype(np.float32), rng.normal(size=C).astype(np.float32)
+    w = rng.integers(1, 256, 16)
+    got = tc.dequantize(S, off, sc, lev, w, (30, 47))
+    T = tc.BASIS
+    q = (S.astype(np.int64) - ((lev - 1) // 2)[:, None, None]).astype(np.float64)
+    X = q.reshape(C, H // 4, 4, W // 4, 4).transpose(0, 1, 3, 2, 4)
+    X = X * sc.astype(np.float64)[:, None, None, None, None] * w.reshape(4, 4).astype(np.float64) / 16
+    t = ((X[..., 0:1] * T[0] + X[..., 1:2] * T[1]) + X[..., 2:3] * T[2]) + X[..., 3:4] * T[3]
+    Y = ((T[0][:, None] * t[..., 0:1, :] + T[1][:, None] * t[..., 1:2, :]) + T[2][:, None] * t[..., 2:3, :]) + T[3][
+        :, None
+    ] * t[..., 3:4, :]
+    Z = (Y + off.astype(np.float64)[:, None, None, None, None]).astype(np.float32)
+    assert got.tobytes() == np.ascontiguousarray(Z.transpose(0, 1, 3, 2, 4).reshape(C, H, W)[:, :30, :47]).tobytes()
 
 
 @pytest.mark.parametrize(("shape", "quality"), [((4, 8, 12), 75), ((4, 9, 15), 40), ((1, 1, 1), 60), ((16, 6, 5), 20),
@@ -77,11 +103,13 @@ def test_words_are_big_endian_and_the_stream_ends_with_its_symbols() -> None:
     s, _, _, lev, w = tc.quantize(smooth_latents(12, (2, 8, 8)), 60)
     data = tc.encode_symbols(s, lev, w)
     hlen = tc.header_size(data, 2)
-    words = np.frombuffer(data[hlen:], ">u4")
-    dec = rc.Decoder(words.astype(np.uint32))
-    with rc.stream_errors():
-        a = rc.decode_batch(dec, sum(tc.feature_count(c, k) for c in range(2) for k in range(4)), 256, *tc.COEF_MODEL)
-    assert (np.abs(a) <= 128).all()  # the coefficient batch decodes from the big-endian words
+    words = struct.unpack(f">{(len(data) - hlen) // 4}I", data[hlen:])
+    enc = rc.new_encoder()  # the coefficient batch is the first thing coded: its words lead the stream
+    DC = s[:, ::4, ::4].astype(np.int64) - ((lev[:, None, None].astype(np.int64) - 1) // 2)
+    a = np.concatenate([tc.fit_predictor(tc.dc_features(DC, c, k), DC[c, k >> 1 :: 2, k & 1 :: 2])
+                        for c in range(2) for k in range(4)])  # fmt: skip
+    rc.encode_batch(enc, a, 256, *tc.COEF_MODEL)
+    assert tuple(enc.get_compressed()[:-1]) == words[: enc.get_compressed().size - 1]
     for extra in (b"\x00\x00\x00\x07", bytes(8), b"\x01\x02\x03\x04" * 3):  # spec 6.1, end check
         with pytest.raises(ValueError, match="after the end of the range-coded stream"):
             tc.decode_symbols(data + extra, s.shape, lev)
@@ -240,6 +268,23 @@ def test_forged_band_count_cannot_inflate_a_tiny_payload() -> None:
     # every value counts, coded or not: DC only still declares 1 M DC symbols
     with pytest.raises(ValueError, match="cannot come from"):
         tc.decode_symbols(bytes([32, 1]) + bytes(4), (1, 4096, 4096), [3])
+
+
+def test_words_outside_the_decoders_interval_are_rejected() -> None:
+    # point = 2**64 - 1 against range 2**64 - 1: q = point // (range >> 24) >= 2**24 (spec 6.1)
+    with pytest.raises(ValueError, match="left its interval"):
+        tc.decode_symbols(bytes([32, 1]) + b"\xff" * 8, (1, 4, 4), [3])
+
+
+def test_compiled_decoder_releases_the_gil_and_agrees_across_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    z = smooth_latents(21, (4, 32, 32))
+    s, _, _, lev, w = tc.quantize(z, 80)
+    data = tc.encode_symbols(s, lev, w)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: tc.decode_symbols(data, s.shape, lev)[0], range(16)))
+    assert all(o.tobytes() == s.tobytes() for o in outs)
 
 
 def test_model_out_of_range_is_rejected() -> None:

@@ -41,6 +41,11 @@ EXIF_PREFIX = b"Exif\x00\x00"
 ALPHA_FILTERS = (0, 1)
 
 
+def look_up(palette: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The (C, h, w) symbols of palette indices (h, w) into a (K, C) palette (spec section 5.2)."""
+    return np.ascontiguousarray(palette[indices].transpose(2, 0, 1))
+
+
 @dataclass
 class Quantized:
     """What a quantizer makes of latents: the ``HEAD`` fields it sets and the symbols its chunks code."""
@@ -57,7 +62,7 @@ class Quantized:
 
     def _as_decoded(self, shape: tuple[int, int]) -> Decoded:
         f = self.fields
-        symbols = self.payload if self.palette is None else self.palette[self.payload].transpose(2, 0, 1)
+        symbols = self.payload if self.palette is None else look_up(self.palette, self.payload)
         return Decoded(f["offset"], f["scale"], f["levels"], symbols, self.weights, shape, element=f.get("element"))
 
 
@@ -201,7 +206,7 @@ class PaletteCodec(ScalarCodec):
         if len(values) < h * w:  # tolerant mode: the entry nearest latent 0
             lat = dequantize(palette.T, header.offset, header.scale)
             values = np.concatenate([values, np.full(h * w - len(values), (lat**2).sum(0).argmin())])
-        symbols = palette[values.astype(np.intp).reshape(h, w)].transpose(2, 0, 1).copy()
+        symbols = look_up(palette, values.astype(np.intp).reshape(h, w))
         return Decoded(header.offset, header.scale, header.levels, symbols, None, (h, w))
 
 

@@ -1,7 +1,8 @@
 """The range-coded batch of spec section 6: the model family, and symbols coded under it.
 
 Model-free and torch-free; the arithmetic is constriction's range coder (32-bit words, 64-bit state,
-24-bit probabilities), whose exact algorithm spec section 6.1 restates so that a reader needs no library.
+24-bit probabilities), whose exact algorithm spec section 6.1 restates so that a reader needs no library:
+this package encodes with constriction and decodes with its own compiled decoder (:mod:`.transform_decoder`).
 Everything a reader computes here is integer arithmetic: the model tables (section 6.2) are built from
 integers and handed to constriction as frequencies that already sum to its free weight, so its
 float normalisation is the identity (``scale == 1.0``) and every cumulative is exact.
@@ -14,9 +15,7 @@ uniformly over ``E = (L >> sh) + 2``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -74,6 +73,15 @@ def frequencies() -> np.ndarray:
 
 
 @functools.cache
+def cumulatives() -> np.ndarray:
+    """(NSHAPE, NB + 1) uint64 cumulatives of the coding probabilities f + 1: 0 = cu[0] < ... < cu[NB] = ONE."""
+    cu = np.zeros((NSHAPE, NB + 1), np.uint64)
+    cu[:, 1:] = np.cumsum(frequencies() + 1, axis=1)
+    cu.setflags(write=False)
+    return cu
+
+
+@functools.cache
 def log2_probabilities() -> np.ndarray:
     """(NSHAPE, NB) log2 of each bin's coding probability (f + 1) / 2**24 (encoder-side cost estimates)."""
     return np.log2((frequencies() + 1) / ONE)
@@ -120,37 +128,6 @@ def new_encoder() -> Any:
     return constriction.stream.queue.RangeEncoder()
 
 
-class Decoder:
-    """constriction's range decoder over a stream's words, with the end check of spec section 6.1.
-
-    The check needs how many words the decoder has read (two at the start, one per renormalisation).
-    constriction does not say, but an encoder fed the same symbols under the same models renormalises
-    exactly as often (the range evolves with the probabilities alone), so :meth:`finish` replays them.
-    """
-
-    def __init__(self, words: np.ndarray) -> None:
-        import constriction
-
-        self.words = np.ascontiguousarray(words, np.uint32)
-        self._dec = constriction.stream.queue.RangeDecoder(self.words)
-        self._log: list[tuple[Any, np.ndarray]] = []
-
-    def decode(self, model: Any, n: int) -> np.ndarray:
-        out = self._dec.decode(model, n)
-        self._log.append((model, out))
-        return out
-
-    def finish(self) -> None:
-        """Reject unless every word was read and the last word read (one past the end reads as 0) is 0."""
-        enc = new_encoder()
-        for model, symbols in self._log:
-            enc.encode(symbols, model)
-        reads = 2 + enc.pos()[0]
-        m = self.words.size
-        if m > reads or (m == reads and self.words[-1] != 0):
-            raise ValueError("words after the end of the range-coded stream")
-
-
 def encode_batch(enc: Any, r: np.ndarray, L: int, sh: int, shape: int) -> None:
     """Append a batch of residuals ``r`` (int64) of symbols in an alphabet of ``L`` under model (sh, shape)."""
     if r.size == 0:
@@ -167,23 +144,6 @@ def encode_batch(enc: Any, r: np.ndarray, L: int, sh: int, shape: int) -> None:
         if (e >= E).any():
             raise ValueError(f"residual beyond the escape range of an alphabet of {L}")
         enc.encode(e.astype(np.int32), _uniform(E))
-
-
-def decode_batch(dec: Decoder, n: int, L: int, sh: int, shape: int) -> np.ndarray:
-    """The ``n`` residuals (int64) of a batch coded by :func:`encode_batch`."""
-    if n == 0:
-        return np.zeros(0, np.int64)
-    b = dec.decode(_categorical(shape), n).astype(np.int64)
-    hh = b - (R + 1)
-    r = hh << sh
-    if sh > 0:
-        r += dec.decode(_uniform(1 << sh), n)
-    sel = (b == 0) | (b == NB - 1)
-    count = np.count_nonzero(sel)  # (much cheaper than sel.sum() on the small batches of a stream)
-    if count:
-        e = dec.decode(_uniform(escape_alphabet(L, sh)), count).astype(np.int64)
-        r[sel] += (np.where(b[sel] == 0, -R - 1 - e, R + 1 + e) - hh[sel]) << sh
-    return r
 
 
 def words_of(enc: Any) -> bytes:
@@ -225,14 +185,3 @@ def delta_costs(model: tuple[int, int], L: int) -> np.ndarray:
     out = bits + np.where((b == 0) | (b == NB - 1), np.log2(escape_alphabet(L, sh)), 0.0)
     out.setflags(write=False)  # cached: shared by every caller
     return out
-
-
-@contextlib.contextmanager
-def stream_errors() -> Iterator[None]:
-    """Inside: the range decoder's own errors on garbage become ValueError (ValueErrors pass unchanged)."""
-    try:
-        yield
-    except ValueError:
-        raise
-    except Exception as ex:  # constriction's errors on invalid data
-        raise ValueError(f"corrupt range-coded stream: {ex}") from ex

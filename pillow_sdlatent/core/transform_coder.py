@@ -15,6 +15,7 @@ of channel c at S[c][4i + u][4j + v]; its signed index q = S - Z_c with the cent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ ZIGZAG = (
     (0, 0), (0, 1), (1, 0), (2, 0), (1, 1), (0, 2), (0, 3), (1, 2),
     (2, 1), (3, 0), (3, 1), (2, 2), (1, 3), (2, 3), (3, 2), (3, 3),
 )  # fmt: skip
+_ZIGZAG = np.array(ZIGZAG, np.int64)
 _A = float.fromhex("0x1.4e7ae9144f0fcp-1")  # sqrt(1/2) cos(pi/8)
 _B = float.fromhex("0x1.1517a7bdb3896p-2")  # sqrt(1/2) cos(3 pi/8)
 BASIS = np.array([[0.5, 0.5, 0.5, 0.5], [_A, _B, -_B, -_A], [0.5, -0.5, -0.5, 0.5], [_B, -_A, _A, -_B]])
@@ -79,16 +81,6 @@ def _unblocks(b: np.ndarray) -> np.ndarray:
 def forward(x: np.ndarray) -> np.ndarray:
     """DCT coefficients of (..., H, W) float64 planes, in the symbol layout (encoder side, not bit-exact)."""
     return _unblocks(np.einsum("uy,...yx,vx->...uv", BASIS, _blocks(x), BASIS))
-
-
-def inverse(X: np.ndarray) -> np.ndarray:
-    """The spec's exact inverse transform of (..., H, W) float64 coefficients (fixed order of operations)."""
-    b = _blocks(X)
-    row = [BASIS[k] for k in range(BLOCK)]  # T[k][x] along the last axis
-    col = [BASIS[k][:, None] for k in range(BLOCK)]  # T[k][y] down the rows
-    t = ((b[..., :, 0:1] * row[0] + b[..., :, 1:2] * row[1]) + b[..., :, 2:3] * row[2]) + b[..., :, 3:4] * row[3]
-    y = ((col[0] * t[..., 0:1, :] + col[1] * t[..., 1:2, :]) + col[2] * t[..., 2:3, :]) + col[3] * t[..., 3:4, :]
-    return _unblocks(y)
 
 
 def _weight_plane(weights: Sequence[int], H: int, W: int) -> np.ndarray:
@@ -150,34 +142,20 @@ def dequantize(
     weights: Sequence[int],
     shape: tuple[int, int],
 ) -> np.ndarray:
-    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says.
+    """Float32 latents (C, h, w) of the coefficient symbols (C, H, W), bit-exactly as spec section 5.3 says
+    (compiled: :func:`.transform_decoder.dequantize_planes`, no temporaries beyond the output)."""
+    from . import transform_decoder as td
 
-    A group of channels at a time (the same operations on every value, so the same bits as one channel at a
-    time): the float64 temporaries hold at most about DEQUANT_GROUP values, not the whole latent."""
-    C, H, W = symbols.shape
+    S = np.ascontiguousarray(symbols, np.uint16)
     h, w = shape
-    col = (-1, 1, 1)
-    zero = ((np.asarray(levels, np.int64) - 1) // 2).reshape(col)
-    sc = np.asarray(scale, np.float32).astype(np.float64).reshape(col)
-    off = np.asarray(offset, np.float32).astype(np.float64).reshape(col)
-    wp = _weight_plane(weights, H, W)
-    out = np.empty((C, h, w), np.float32)
-    step = max(1, DEQUANT_GROUP // (H * W))
+    out = np.empty((S.shape[0], h, w), np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # the caller checks finiteness
-        for c in range(0, C, step):
-            g = slice(c, c + step)
-            X = symbols[g].astype(np.float64)
-            X -= zero[g]  # exact: |q| < 2**16
-            X *= sc[g]
-            X *= wp
-            y = inverse(X)
-            y += off[g]
-            out[g] = y[:, :h, :w]
+        td.dequantize_planes(
+            S, (np.asarray(levels, np.int64).ravel() - 1) // 2, np.asarray(scale, np.float32).astype(np.float64),
+            np.asarray(offset, np.float32).astype(np.float64),
+            np.asarray(weights, np.float64).reshape(BLOCK, BLOCK) / 16.0, BASIS, out,
+        )  # fmt: skip
     return out
-
-
-#: Values :func:`dequantize` transforms at once (a few MB of float64 temporaries).
-DEQUANT_GROUP = 1 << 18
 
 
 # ---------------------------------------------------------------- DC prediction (spec section 5.3.3)
@@ -250,6 +228,14 @@ RANK_MODEL = (0, 52)
 _COEF_L, _SHIFT_L, _RANK_L = 256, 2 * rc.MAX_SHIFT + 1, 2 * rc.NSHAPE - 1
 
 
+@functools.cache
+def _shape_order() -> np.ndarray:
+    out = np.array(rc.shape_order(), np.int64)
+    out.setflags(write=False)
+    return out
+
+
+@functools.cache
 def weights_of_code(code: int) -> tuple[int, ...]:
     """The band weights of weight code 0..254: 16 + round(code * (u + v) / 6), at most 255 (code = 16 x slope)."""
     return tuple(min(255, 16 + (2 * code * (u + v) + 6) // 12) for u in range(BLOCK) for v in range(BLOCK))
@@ -395,50 +381,11 @@ def decode_symbols(
         raise ValueError(
             f"{coded_symbols(nb, H, W)} coefficients cannot come from {4 * words.size} bytes of range-coded words"
         )
-    refs = model_references(nb)
-    dec = rc.Decoder(words)
-    zero = (levels - 1) // 2
-    hb, wb = H // BLOCK, W // BLOCK
-    with rc.stream_errors():
-        counts = [feature_count(c, k) for c in range(C) for k in range(4)]
-        a = rc.decode_batch(dec, sum(counts), _COEF_L, *COEF_MODEL)
-        if ((a < -128) | (a > 127)).any():
-            raise ValueError("DC predictor coefficient out of range")
-        coefs = np.split(a, np.cumsum(counts)[:-1])
-        dsh = rc.decode_batch(dec, len(refs), _SHIFT_L, *SHIFT_MODEL)
-        drk = rc.decode_batch(dec, len(refs), _RANK_L, *RANK_MODEL)
-        models: list[tuple[int, int]] = []
-        order = rc.shape_order()
-        for i, f in enumerate(refs):
-            rsh, rrank = (models[f][0], int(rc.ranks()[models[f][1]])) if f >= 0 else (0, 0)
-            sh, rank = rsh + int(dsh[i]), rrank + int(drk[i])
-            if not (0 <= sh <= rc.MAX_SHIFT and 0 <= rank < rc.NSHAPE):
-                raise ValueError("band model out of range")
-            models.append((sh, order[rank]))
-        S = np.empty((C, H, W), np.uint16)
-        DC = np.zeros((C, hb, wb), np.int64)
-        m = 0
-        for c in range(C):
-            L = int(levels[c])
-            S[c] = zero[c]
-            for k in range(4):
-                y0, x0 = k >> 1, k & 1
-                plane = DC[c, y0::2, x0::2]  # a view: the decoded phase lands in DC
-                n = plane.size
-                pred = dc_predict(dc_features(DC, c, k), coefs[4 * c + k], int(zero[c]), L, n)
-                s = pred + rc.decode_batch(dec, n, L, *models[m])
-                m += 1
-                if n and (s.min() < 0 or s.max() >= L):
-                    raise ValueError("decoded DC symbol out of its alphabet")
-                plane[...] = s.reshape(plane.shape) - zero[c]
-                S[c, BLOCK * y0 :: 2 * BLOCK, BLOCK * x0 :: 2 * BLOCK] = plane + zero[c]
-            if nb[c] > 1:  # the bands of a channel, checked together (one check, not one per band)
-                bands = np.stack([rc.decode_batch(dec, hb * wb, L, *models[m + i]) for i in range(nb[c] - 1)])
-                m += nb[c] - 1
-                bands += zero[c]
-                if bands.min() < 0 or bands.max() >= L:
-                    raise ValueError("decoded coefficient out of its alphabet")
-                for i, (u, v) in enumerate(ZIGZAG[1 : nb[c]]):
-                    S[c, u::BLOCK, v::BLOCK] = bands[i].reshape(hb, wb)
-        dec.finish()
+    from . import transform_decoder as td
+
+    S = np.empty((C, H, W), np.uint16)
+    err = td.decode_planes(words, rc.cumulatives(), td.slot_table(), _shape_order(), levels, np.array(nb, np.int64),
+                           _ZIGZAG, S)  # fmt: skip
+    if err:
+        raise ValueError(td.MESSAGES[err])
     return S, weights
