@@ -158,7 +158,9 @@ class ScalarCodec:
         c, h, w = header.latent_shape
         values = _byte_payload(header, _ldat(data, truncated), c * h * w, header.symbol_dtype, truncated)
         if len(values) < c * h * w:  # tolerant mode: the symbol nearest latent 0
-            fill = np.repeat(_zero_symbols(header)[:, None], h * w, axis=1).reshape(-1)
+            fill = np.empty((c, h * w), np.uint16)
+            fill[...] = _zero_symbols(header)[:, None]  # a broadcast fill (np.repeat builds index temporaries)
+            fill = fill.reshape(-1)
             fill[: len(values)] = values
             values = fill
         symbols = values.astype(np.uint16).reshape(c, h, w)
@@ -238,7 +240,8 @@ class TransformCodec:
                 raise FormatError(f"corrupt LDAT (transform coder): {exc}") from exc
             # Tolerant mode: a cut range-coded stream has no usable prefix; every coefficient is Z_c.
             zero = ((header.levels.astype(np.int64) - 1) // 2).astype(np.uint16)
-            symbols, weights = np.repeat(zero[:, None], shape[1] * shape[2], axis=1).reshape(shape), (16,) * 16
+            symbols, weights = np.empty(shape, np.uint16), (16,) * 16
+            symbols[...] = zero[:, None, None]
         d = Decoded(header.offset, header.scale, header.levels, symbols, weights, (h, w))
         d.latents = self.dequantize(d)  # once: the check needs them, and so will the caller
         if not np.isfinite(d.latents).all():  # large steps x weights can overflow float32 (spec section 5.3)

@@ -13,8 +13,10 @@ import numpy as np
 def dequantize(symbols: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Map symbols (C, ...) back to float32 latents, bit-exactly as the spec defines."""
     shape = (-1,) + (1,) * (symbols.ndim - 1)
-    q = symbols.astype(np.float32)
-    return (scale.astype(np.float32).reshape(shape) * q) + offset.astype(np.float32).reshape(shape)
+    x = symbols.astype(np.float32)  # in place from here: one float32 plane beside the symbols, no temporaries
+    x *= scale.astype(np.float32).reshape(shape)
+    x += offset.astype(np.float32).reshape(shape)
+    return x
 
 
 def range_quantize(
