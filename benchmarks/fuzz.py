@@ -39,6 +39,7 @@ from pillow_sdlatent.testing import (  # noqa: E402
     mutate,
     run_one,
     seed_files,
+    warm_decoder,
     warm_hub_stack,
 )
 
@@ -76,17 +77,6 @@ class LineCoverage:
         finally:
             sys.settrace(None)
             found[0] = self._new
-
-
-def warm_decoder() -> None:
-    """Load the compiled transform decoder (numba and LLVM reserve address space of their own) before the cap:
-    the cap is there for what a file costs, not for the decoder's code."""
-    import numpy as np
-
-    from pillow_sdlatent.core import transform_coder as tc
-
-    s, _, _, lev, w = tc.quantize(np.zeros((1, 4, 4), np.float32), 60)
-    tc.decode_symbols(tc.encode_symbols(s, lev, w), s.shape, lev)
 
 
 def _cap_address_space(extra: int) -> str:

@@ -3,6 +3,7 @@
     python benchmarks/latent_store.py                      # TAESD, TAESDXL, TAEF2 on the 24 Kodak images
     python benchmarks/latent_store.py --images 6 --models taesd
     python benchmarks/latent_store.py --images 6 --models taesd --scalar-sweep   # method="scalar" by quality
+    python benchmarks/latent_store.py --float-planes      # the lossless stream's bytes and its alternatives
 
 For each model (../shared/models) and Kodak image (512x512 centre crops by default, latents 4x64x64 for
 TAESD; ``--crop 0``: whole 768x512 images), the float latents ``z`` of
@@ -18,7 +19,16 @@ TAESD; ``--crop 0``: whole 768x512 images), the float latents ``z`` of
 Stores: raw fp16 ``.npy``; bf16 safetensors; raw uint8 in imagenet.int8's convention (``u = clip(round((z /
 24 + 0.5) * 255))``, read as ``(u / 255 - 0.5) * 24``) and the same bytes through zstd (level 19); .sdl with
 the transform quantizer at several qualities and with the scalar quantizer (quantizer 0, zstd) at 96, 256,
-4096 and 65536 levels, all through ``write_latents`` / ``read_latents``.
+4096 and 65536 levels, and lossless (the float quantizer: ``write_latents(..., lossless=True)`` of the latents
+as fp16, bf16 and fp32 tensors), all through ``write_latents`` / ``read_latents``.
+
+``--float-planes``: for each element format, the float quantizer's ``LDAT`` bytes ("LDAT"; "file": the whole
+file) per image against the raw values' (2 or 4 bytes a value: "x raw"), and, as the same ratio, the same
+values coded otherwise, each one zstd frame at the package's level (``entropy.ZSTD_LEVEL``): "one block" (the
+byte planes without a block boundary between them), "no planes" (the values' big-endian bytes in order, what
+a raw fp16/bf16 array through zstd is), "sub" / "xor" (before the split, each bit pattern minus, mod 2^bits,
+or XOR its left neighbour's) and "ordered sub" (the difference of the patterns mapped to order-preserving
+integers). No decoding, no timing.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
+from pillow_sdlatent.core import entropy, floats  # noqa: E402
+from pillow_sdlatent.core.codec import decode_bytes  # noqa: E402
 from pillow_sdlatent.core.settings import QuantSettings  # noqa: E402
 from pillow_sdlatent.latents import decode_latents, encode_images, read_latents, write_latents  # noqa: E402
 from pillow_sdlatent.models import load_model  # noqa: E402
@@ -105,6 +117,9 @@ def stores(identity: dict, shape: tuple[int, ...], qualities: list[int]) -> dict
         out[f".sdl transform q{q}"] = _sdl(identity, quality=q)
     for levels in (96, 256, 4096, 65536):
         out[f".sdl scalar {levels} levels"] = _sdl(identity, settings=QuantSettings(levels=levels))
+    for label, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        write, read = _sdl(identity, lossless=True)
+        out[f".sdl lossless {label}"] = (lambda z, write=write, dtype=dtype: write(torch.from_numpy(z).to(dtype)), read)
     return out
 
 
@@ -178,6 +193,49 @@ def scalar_sweep(name: str, images: list[Image.Image], qualities: list[int]) -> 
         print(f"| {name} | {q} | {levels} | {nbytes:,.0f} | {nbytes / zs[0].size:.2f} | {snr:.1f} |", flush=True)
 
 
+def _filtered(bits: np.ndarray, kind: str) -> np.ndarray:
+    """``bits`` (C, h, w) with a left-neighbour filter along each row (the first column as is)."""
+    if kind == "ordered sub":
+        top = bits.dtype.type(1 << (8 * bits.dtype.itemsize - 1))
+        bits = np.where(bits & top, ~bits, bits | top)  # order-preserving: negatives below positives
+    out = bits.copy()
+    if kind == "xor":
+        out[..., 1:] ^= bits[..., :-1]
+    else:
+        out[..., 1:] -= bits[..., :-1]  # unsigned arithmetic wraps mod 2^bits
+    return out
+
+
+def _float_variants(bits: np.ndarray) -> dict[str, int]:
+    """Bytes of the alternatives to the float quantizer's stream for one latent's bit patterns."""
+    zc = zstandard.ZstdCompressor(level=entropy.ZSTD_LEVEL, write_content_size=True, threads=0)
+    be = bits.astype(bits.dtype.newbyteorder(">")).tobytes()
+    out = {"one block": len(zc.compress(b"".join(floats.planes(bits)))), "no planes": len(zc.compress(be))}
+    for kind in ("sub", "xor", "ordered sub"):
+        out[kind] = len(entropy.zstd_compress_parts(floats.planes(_filtered(bits, kind))))
+    return out
+
+
+def float_planes(name: str, images: list[Image.Image]) -> None:
+    """Bytes of the lossless stream per element format against raw values, and its alternatives."""
+    ae = load_model(str(SHARED / "models" / name), "cpu")
+    identity = {"model_id": ae.model_id, "fingerprint": ae.fingerprint, "downscale": ae.downscale}
+    zs = [z.numpy() for z in encode_images(images, ae)]
+    for fmt in ("float16", "bfloat16", "float32"):
+        files, ldat, alt = [], [], {}
+        for z in zs:
+            data = _sdl(identity, method=fmt)[0](z)
+            files.append(len(data))
+            at = data.index(b"LDAT")
+            ldat.append(int.from_bytes(data[at - 4 : at], "big"))
+            for k, v in _float_variants(decode_bytes(data).symbols).items():
+                alt[k] = alt.get(k, 0) + v
+        raw = zs[0].size * floats.width(fmt)
+        cols = " | ".join(f"{v / len(zs) / raw:.3f}" for v in alt.values())
+        print(f"| {name} | {fmt} | {raw:,} | {np.mean(ldat):,.0f} | {np.mean(files):,.0f} | "
+              f"{np.mean(ldat) / raw:.3f} | {cols} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["taesd", "taesdxl", "taef2"])
@@ -191,6 +249,7 @@ def main() -> None:
         metavar="QUALITY",
         help="only bytes and latent SNR of method='scalar' at these qualities (default 60 65 70 75 80 100)",
     )
+    p.add_argument("--float-planes", action="store_true", help="only the lossless stream's bytes and alternatives")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing pass")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -203,7 +262,14 @@ def main() -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     what = f"{args.crop}x{args.crop} centre crops of" if args.crop else "whole"
-    print(f"{what} {len(images)} Kodak images; {model_name}; torch {torch.__version__}, 1 thread\n")
+    print(f"{what} {len(images)} Kodak images; {model_name}; torch {torch.__version__}, 1 thread; "
+          f"zstd {'.'.join(map(str, zstandard.ZSTD_VERSION))}\n")  # fmt: skip
+    if args.float_planes:
+        print("| model | format | raw bytes | LDAT | file | x raw | one block | no planes | sub | xor | ordered sub |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for name in args.models:
+            float_planes(name, images)
+        return
     if args.scalar_sweep is not None:
         for name in args.models:
             scalar_sweep(name, images, args.scalar_sweep or [60, 65, 70, 75, 80, 100])

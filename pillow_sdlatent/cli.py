@@ -61,6 +61,7 @@ def file_info(path: Path) -> dict[str, Any]:
         "quantizer": header.quantizer,
         "levels": levels,
         "palette_size": header.palette_size,
+        "element": header.element,
         "coder": header.coder,
         "metadata": sorted(k for k in meta if not k.startswith("_")),
         "chunks": chunks,
@@ -85,13 +86,14 @@ def _format_info(d: dict[str, Any]) -> str:
     levels = d["levels"]
     lv = str(levels[0]) if len(set(levels)) == 1 else f"{min(levels)}..{max(levels)}"
     quant = d["quantizer"] + (f", {d['palette_size']} entries" if d["quantizer"] == "palette" else "")
+    quant += f", {lv} levels per channel" if d["quantizer"] != "float" else f" ({d['element']}, lossless)"
     c, h, w = d["latent_shape"]
     lines = [
         f"{d['file']}: {d['width']}x{d['height']} {d['mode']}, {d['file_size']} bytes, {d['bpp']:.4f} bpp",
         f"  model        {d['model_id']}",
         f"  fingerprint  {d['fingerprint']}",
         f"  latents      {c} x {h} x {w} (1/{d['downscale']} scale)",
-        f"  quantizer    {quant}, {lv} levels per channel",
+        f"  quantizer    {quant}",
         f"  coder        {d['coder']}",
         "  chunks       " + ", ".join(f"{ch['type']} {ch['length']}" for ch in d["chunks"]),
         f"  version      {d['version']}" + (f"; metadata: {', '.join(d['metadata'])}" if d["metadata"] else ""),

@@ -138,8 +138,12 @@ OPEN_SHARDS = 16
 class _Reader:
     """Reads samples; keeps up to OPEN_SHARDS shards open, only in the process that opened them."""
 
-    def __init__(self, metadata: bool, extras: Sequence[str], transform: Transform | None, extension: str) -> None:
+    def __init__(
+        self, metadata: bool, extras: Sequence[str], transform: Transform | None, extension: str,
+        dtype: torch.dtype | None,
+    ) -> None:  # fmt: skip
         self.metadata = metadata
+        self.dtype = dtype
         self.extras = tuple(e.lstrip(".") for e in extras)
         self.transform = transform
         self.extension = extension
@@ -179,9 +183,9 @@ class _Reader:
     def read(self, s: Sample) -> Any:
         try:
             if s.offset < 0:
-                latents, header = read_latents(s.path)
+                latents, header = read_latents(s.path, dtype=self.dtype)
             else:
-                latents, header = read_latents(io.BytesIO(self._bytes(s.path, s.offset, s.size)))
+                latents, header = read_latents(io.BytesIO(self._bytes(s.path, s.offset, s.size)), dtype=self.dtype)
         except Exception as exc:
             if hasattr(exc, "add_note"):  # Python 3.11+: the traceback names the sample
                 exc.add_note(f"while reading the sample {s.source}")
@@ -213,6 +217,8 @@ class LatentDataset(Dataset):
     source: a folder, a path or a sequence of paths (``.sdl`` files and ``.tar`` shards).
     metadata: return ``(latents, meta)`` (module docstring); ``extras``: sibling extensions to add to ``meta``.
     transform: applied to each latent tensor (e.g. a random flip).
+    dtype: of the latent tensors (default float32); None: each file's stored dtype (float16 or bfloat16 for
+        lossless files of those formats, bit-exact; see :func:`~pillow_sdlatent.latents.read_latents`).
     """
 
     def __init__(
@@ -223,11 +229,12 @@ class LatentDataset(Dataset):
         extras: Sequence[str] = (),
         transform: Transform | None = None,
         extension: str = ".sdl",
+        dtype: torch.dtype | None = torch.float32,
     ) -> None:
         self.samples: list[Sample] = []
         for path in expand_sources(source, extension):
             self.samples += index_shard(path, extension) if _is_shard(path) else [_sample_of_file(path, extension)]
-        self._reader = _Reader(metadata, extras, transform, extension)
+        self._reader = _Reader(metadata, extras, transform, extension, dtype)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -239,7 +246,7 @@ class LatentDataset(Dataset):
 class LatentIterableDataset(IterableDataset):
     """Streaming dataset of .sdl latents over files and tar shards, split between workers and ranks.
 
-    source, metadata, extras, transform: as for :class:`LatentDataset`.
+    source, metadata, extras, transform, dtype: as for :class:`LatentDataset`.
     shuffle: shuffle the sources (files and shards, not the samples within a shard) each epoch, with
         ``seed + epoch`` (call :meth:`set_epoch`); every worker and rank draws the same order, so the split
         stays disjoint.
@@ -261,6 +268,7 @@ class LatentIterableDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         extension: str = ".sdl",
+        dtype: torch.dtype | None = torch.float32,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
@@ -268,7 +276,7 @@ class LatentIterableDataset(IterableDataset):
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = rank, world_size
         self.extension = extension
-        self._reader = _Reader(metadata, extras, transform, extension)
+        self._reader = _Reader(metadata, extras, transform, extension, dtype)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose shuffled order :meth:`__iter__` uses (as ``DistributedSampler.set_epoch``)."""

@@ -37,6 +37,9 @@ from .pipeline import ModelIdentity, decode_batch, encode_batch, encode_chunks, 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 LatentArray = torch.Tensor | np.ndarray
 
+#: The float quantizer's element formats as torch dtypes (``read_latents(..., dtype=None)`` returns these).
+STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> codec.LatentFile:
     """The model-free content of a file: header, symbols, alpha plane, metadata (no torch needed)."""
@@ -48,44 +51,70 @@ def read_latent_file(source: PathOrFile, *, allow_truncated: bool = False) -> co
     return codec.read_body(source, head, allow_truncated=allow_truncated)
 
 
-def read_latents(source: PathOrFile) -> tuple[torch.Tensor, Header]:
+def stored_dtype(header: Header) -> torch.dtype:
+    """The dtype a file's latents are stored in: the element format of a lossless (float quantizer) file,
+    float32 for the others (their dequantized values are float32)."""
+    return STORED_DTYPES[header.element] if header.element is not None else torch.float32
+
+
+def latent_tensor(lf: codec.LatentFile, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """A decoded file's latents as a ``(C, h, w)`` tensor of ``dtype`` (None: :func:`stored_dtype`)."""
+    dtype = stored_dtype(lf.header) if dtype is None else dtype
+    element = lf.header.element
+    if element in ("float16", "bfloat16") and dtype == STORED_DTYPES[element]:
+        return torch.from_numpy(lf.symbols.view(np.int16)).view(dtype)  # the stored bits, no float32 detour
+    return torch.from_numpy(lf.latents()).to(dtype)
+
+
+def read_latents(source: PathOrFile, *, dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, Header]:
     """The dequantized latents of an .sdl file and its header, without running any model.
 
-    Returns ``(latents, header)``: ``latents`` is a float32 CPU tensor of shape
-    ``(C, h, w)`` (``h, w`` = image size / ``header.downscale``, rounded up) in
-    the model's scaled latent space (see the module docstring); ``header``
-    names the model (``header.model_id``, ``header.fingerprint``), the image
-    size and mode, and the quantizer. The values are bit-exact: every platform
-    reads the same float32 numbers.
+    Returns ``(latents, header)``: ``latents`` is a CPU tensor of shape ``(C, h, w)`` (``h, w`` = image
+    size / ``header.downscale``, rounded up) in the model's scaled latent space (see the module docstring);
+    ``header`` names the model (``header.model_id``, ``header.fingerprint``), the image size and mode, and
+    the quantizer. The values are bit-exact: every platform reads the same numbers.
+
+    dtype: float32 by default; None: the dtype the file stores (:func:`stored_dtype`): a lossless file
+        (``write_latents(..., lossless=True)``, ``header.element``) gives back its float16, bfloat16 or
+        float32 tensor bit for bit, negative zeros and subnormals included. The float32 default holds
+        those values exactly too: ``.to(torch.float16)`` of a float16 file's latents is the original.
     """
     lf = read_latent_file(source)
-    return torch.from_numpy(lf.latents()), lf.header
+    return latent_tensor(lf, dtype), lf.header
 
 
 def read_latents_batch(
-    sources: Sequence[PathOrFile], *, stack: bool = True
+    sources: Sequence[PathOrFile], *, stack: bool = True, dtype: torch.dtype | None = torch.float32
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[Header]]:
     """The latents and headers of many files (a training batch), read as :func:`read_latents` reads one.
 
-    Returns ``(latents, headers)``: with ``stack`` (the default) ``latents`` is one ``(N, C, h, w)`` float32
-    tensor, and files of different latent shapes raise ValueError naming the first odd one; without it, a
-    list of ``(C, h, w)`` tensors. For a torch ``DataLoader`` use :mod:`pillow_sdlatent.dataset`.
+    Returns ``(latents, headers)``: with ``stack`` (the default) ``latents`` is one ``(N, C, h, w)`` tensor,
+    and files of different latent shapes raise ValueError naming the first odd one; without it, a list of
+    ``(C, h, w)`` tensors. ``dtype`` as for :func:`read_latents` (None with ``stack``: the files must store
+    one dtype). For a torch ``DataLoader`` use :mod:`pillow_sdlatent.dataset`.
     """
     files = [read_latent_file(s) for s in sources]
     headers = [lf.header for lf in files]
     if not stack:
-        return [torch.from_numpy(lf.latents()) for lf in files], headers
+        return [latent_tensor(lf, dtype) for lf in files], headers
     if not files:
         raise ValueError("read_latents_batch(stack=True) needs at least one file (its shape sets the batch's)")
     shape = files[0].header.latent_shape
-    out = torch.empty((len(files), *shape), dtype=torch.float32)
+    out_dtype = stored_dtype(headers[0]) if dtype is None else dtype
+    out = torch.empty((len(files), *shape), dtype=out_dtype)
     for i, (src, lf) in enumerate(zip(sources, files, strict=True)):
+        name = src if isinstance(src, (str, os.PathLike)) else "a stream"
         if lf.header.latent_shape != shape:
             raise ValueError(
-                f"file {i} ({src if isinstance(src, (str, os.PathLike)) else 'a stream'}) has latents of shape "
+                f"file {i} ({name}) has latents of shape "
                 f"{lf.header.latent_shape}, the first file {shape}: pass stack=False for a list"
             )
-        out[i] = torch.from_numpy(lf.latents())
+        if dtype is None and stored_dtype(lf.header) != out_dtype:
+            raise ValueError(
+                f"file {i} ({name}) stores {stored_dtype(lf.header)}, the first file {out_dtype}: pass a dtype "
+                "to convert them all, or stack=False"
+            )
+        out[i] = latent_tensor(lf, out_dtype)
     return out, headers
 
 
@@ -100,6 +129,20 @@ def _as_numpy(latents: LatentArray) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError("latents contain NaN or infinity; they cannot be stored")
     return arr
+
+
+def _lossless_method(latents: LatentArray, quality: int | None, method: str, settings: QuantSettings | None) -> str:
+    """The float method that stores ``latents``' dtype bit-exactly (``lossless=True``)."""
+    if quality is not None or method != "auto" or settings is not None:
+        raise TypeError("lossless=True chooses the method from the latents' dtype; do not pass quality/method/settings")
+    dtype = latents.dtype
+    for name, torch_dtype in STORED_DTYPES.items():
+        if dtype == torch_dtype or (isinstance(latents, np.ndarray) and name != "bfloat16" and dtype == np.dtype(name)):
+            return name
+    raise ValueError(
+        f"lossless=True stores float16, bfloat16 or float32 latents bit-exactly, not {dtype}: convert them first "
+        "(.float() for float32), or pass method='float16' / 'bfloat16' / 'float32' to round into that format"
+    )
 
 
 def _model_identity(
@@ -147,8 +190,11 @@ def latent_chunks(
     method: str = "auto",
     settings: QuantSettings | None = None,
     info: dict[str, bytes | str] | None = None,
+    lossless: bool = False,
 ) -> list:
     """The chunks :func:`write_latents` writes (see there)."""
+    if lossless:
+        method = _lossless_method(latents, quality, method, settings)
     z = _as_numpy(latents)
     identity = ModelIdentity(*_model_identity(model, model_id, fingerprint, downscale, z.shape[0]))
     # latents made elsewhere, without their image: written as they are, whatever the effort options say
@@ -173,6 +219,7 @@ def write_latents(
     method: str = "auto",
     settings: QuantSettings | None = None,
     info: dict[str, bytes | str] | None = None,
+    lossless: bool = False,
 ) -> None:
     """Store latents made elsewhere (an encoder, a diffusion model's output) as a valid .sdl file.
 
@@ -191,6 +238,9 @@ def write_latents(
         ``(height, width)`` uint8.
     quality, method: as for ``Image.save``; or ``settings`` for full control
         (e.g. ``QuantSettings(levels=65536)`` for near-lossless 16-bit storage).
+    lossless: store the tensor's values bit-exactly in its own dtype (float16, bfloat16 or float32; the
+        float quantizer, ``method="float16"`` etc.): ``read_latents(target, dtype=None)`` returns the same
+        tensor bit for bit. Not with ``quality``, ``method`` or ``settings``.
 
     Reading the file back with :func:`read_latents` gives the quantized latents
     bit for bit. A path is written atomically (a temporary file renamed into
@@ -198,7 +248,7 @@ def write_latents(
     """
     chunks = latent_chunks(
         latents, model, model_id=model_id, fingerprint=fingerprint, downscale=downscale, size=size, mode=mode,
-        alpha=alpha, quality=quality, method=method, settings=settings, info=info,
+        alpha=alpha, quality=quality, method=method, settings=settings, info=info, lossless=lossless,
     )  # fmt: skip
     if isinstance(target, (str, os.PathLike)):
         with atomic_write(target) as f:
@@ -335,5 +385,6 @@ __all__ = [
     "read_latent_file",
     "read_latents",
     "read_latents_batch",
+    "stored_dtype",
     "write_latents",
 ]

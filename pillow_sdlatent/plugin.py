@@ -32,7 +32,8 @@ EXTENSIONS = [".sdl"]
 #: Save options (``im.save(f, "SDL", **options)``); every other ``encoderinfo`` key is ignored.
 SAVE_OPTIONS: dict[str, str] = {
     "quality": "0..100 (default 75); file size grows with it",
-    "method": "quantizer: auto (= transform), scalar, palette, original (see core.settings.settings_for)",
+    "method": "quantizer: auto (= transform), scalar, palette, original; lossless float16, bfloat16, float32 "
+    "(see core.settings.settings_for)",
     "target_size": "a budget in bytes instead of quality: the highest quality that fits",
     "target_bpp": "a budget in bits per pixel instead of quality",
     "effort": "0..9: the encoder's search through the decoder (default: options.EFFORT, SDLATENT_EFFORT, 0)",

@@ -61,10 +61,23 @@ VECTORS = {
                             "smooth latents correlated across channels (non-zero spatial and inter-channel DC "
                             "predictors), DC planes of 6 x 7 (mirrored neighbours at every edge), weight code 27 "
                             "(band weights with halves to round), an even alphabet (channel 1), many coefficients"),
+    "float-zstd-fp16-c4": (40, 24, "RGB", 4, QuantSettings("float", coder="zstd", element="float16"),
+                           "float quantizer, binary16 (element 1), zstd, 4 channels; negative zero, the smallest "
+                           "and the largest subnormal, the largest finite value"),
+    "float-raw-bf16-la": (24, 16, "LA", 4, QuantSettings("float", coder="raw", element="bfloat16"),
+                          "bfloat16 (element 2), raw coder, LA with `ALPH`; negative zero, subnormals, the "
+                          "largest finite value"),
+    "float-zstd-fp32-l-c16": (17, 9, "L", 16, QuantSettings("float", coder="zstd", element="float32"),
+                              "binary32 (element 3), zstd, 16 channels, mode L; negative zero, subnormals, the "
+                              "largest finite value"),
 }  # fmt: skip
 #: Band weights instead of the quantizer's own (the first: no weight code gives them, the stream stores all 16).
 WEIGHTS = {"transform-l-c16": tuple(16 + 3 * u + 5 * v for u in range(4) for v in range(4)),
            "transform-smooth-c4": transform_coder.weights_of_code(27)}  # fmt: skip
+#: The float vectors' first values: negative zero, the smallest subnormal, the largest subnormal (negated), the
+#: largest finite value (negated), each of the vector's element format.
+SPECIAL = {"float16": (0x8000, 0x0001, 0x83FF, 0xFBFF), "bfloat16": (0x8000, 0x0001, 0x807F, 0xFF7F),
+           "float32": (0x80000000, 0x00000001, 0x807FFFFF, 0xFF7FFFFF)}  # fmt: skip
 #: Vectors whose ALPH chunk is written without a filter (the writer's own choice is filter 1).
 ALPHA_UNFILTERED = {"palette-raw-la-c32"}
 
@@ -87,6 +100,13 @@ def make(i: int, name: str) -> bytes:
     if name == "transform-smooth-c4":
         base = np.cumsum(np.cumsum(np.random.default_rng(i).normal(size=shape[1:]), 0), 1) * 0.15
         z = np.stack([base * (1 + 0.3 * c) + 0.2 * z[c] for c in range(c)]).astype(np.float32) * 3
+    if settings.quantizer == "float":
+        special = np.array(SPECIAL[settings.element], np.uint32)
+        if settings.element == "float16":
+            values = special.astype(np.uint16).view(np.float16).astype(np.float32)
+        else:
+            values = (special << (16 if settings.element == "bfloat16" else 0)).astype(np.uint32).view(np.float32)
+        z.reshape(-1)[: len(values)] = values
     if name in WEIGHTS:
         steps, offsets, _ = transform_coder.params(z, settings.quality)
         settings = replace(settings, grid=(steps, offsets, WEIGHTS[name]))

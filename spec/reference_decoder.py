@@ -36,7 +36,8 @@ SIGNATURE = b"\x89SDL\r\n\x1a\n"  # section 2
 DATA_CHUNKS = ("PLTE", "ALPH", "LDAT")
 KNOWN_ANCILLARY = ("eXIf", "iCCP", "xMPt", "prVw")
 MODES = ("L", "RGB", "LA", "RGBA")
-QUANTIZERS = ("scalar", "palette", "transform")
+QUANTIZERS = ("scalar", "palette", "transform", "float")
+ELEMENTS = {1: "binary16", 2: "bfloat16", 3: "binary32"}  # section 5.4: the float quantizer's element formats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,11 +86,14 @@ def parse_head(p: bytes) -> dict[str, Any]:
     check(mode <= 3, f"unknown mode {mode} (4)")
     check(1 <= f <= 64, f"downscale {f} outside 1 ..= 64 (4)")
     check(1 <= C <= min(1024, 4 * f * f), f"channels {C} outside 1 ..= min(1024, 4 f^2) (4, 10)")
-    check(quantizer <= 2, f"unknown quantizer {quantizer} (4)")
+    check(quantizer <= 3, f"unknown quantizer {quantizer} (4)")
     check(coder <= 2, f"unknown coder {coder} (4)")
-    check((quantizer, coder) in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 2)), "invalid quantizer/coder pair (4)")
+    pairs = ((0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (3, 0), (3, 1))
+    check((quantizer, coder) in pairs, "invalid quantizer/coder pair (4)")
     if quantizer == 1:
         check(1 <= K <= 65536, f"palette size {K} outside 1 ..= 65536 (4, 10)")
+    elif quantizer == 3:
+        check(K in ELEMENTS, f"unknown element format {K} (4, 5.4)")
     else:
         check(K == 0, "palette size must be 0 without the palette quantizer (4)")
     model_id = p[37 : 37 + n]
@@ -108,10 +112,14 @@ def parse_head(p: bytes) -> dict[str, Any]:
     with np.errstate(over="ignore", invalid="ignore"):
         top = np.float32(scale * (levels - 1).astype(np.float32)) + offset  # float32 throughout
     check(bool(np.isfinite(top).all()), "the top symbol does not dequantize to a finite binary32 (4, 10)")
+    if quantizer == 3:  # 5.4: the table holds offset +0.0, scale 1.0, levels - 1 = 65535 in every channel
+        rows = p[37 + n :]
+        check(rows == bytes.fromhex("00000000" "3f800000" "ffff") * C, "float quantizer: channel table (5.4)")
     return {
         "version": (major, minor), "width": width, "height": height, "mode": MODES[mode], "downscale": f,
         "channels": C, "quantizer": QUANTIZERS[quantizer], "coder": ("raw", "zstd", "range")[coder],
-        "palette_size": K, "fingerprint": p[20:36].hex(), "model_id": model_id_text,
+        "palette_size": K if quantizer == 1 else 0, "element": ELEMENTS[K] if quantizer == 3 else None,
+        "fingerprint": p[20:36].hex(), "model_id": model_id_text,
         "offset": offset, "scale": scale, "levels": levels, "h": h, "w": w,
         "symbol_width": 1 if levels.max() <= 256 else 2, "index_width": 1 if K <= 256 else 2,
     }
@@ -471,6 +479,31 @@ def decode_transform(hd: dict[str, Any], ldat: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Section 5.4: quantizer 3, float
+
+
+def decode_float(hd: dict[str, Any], ldat: bytes) -> np.ndarray:
+    """5.4: the byte planes of the values' bit patterns, most significant plane first; Z = the values, exactly."""
+    C, h, w = hd["channels"], hd["h"], hd["w"]
+    b = 4 if hd["element"] == "binary32" else 2
+    n = C * h * w
+    planes = np.frombuffer(symbols_payload(hd, ldat, b * n), dtype=np.uint8).reshape(b, n)
+    bits = np.zeros(n, dtype=np.uint64)
+    for k in range(b):  # plane k holds byte k of every value, big-endian (byte 0 the most significant)
+        bits = (bits << np.uint64(8)) | planes[k].astype(np.uint64)
+    if hd["element"] == "binary16":
+        check(bool(((bits & 0x7C00) != 0x7C00).all()), "binary16 infinity or NaN (5.4)")
+        Z = bits.astype(np.uint16).view(np.float16).astype(np.float32)  # exact, subnormals included
+    elif hd["element"] == "bfloat16":
+        check(bool(((bits & 0x7F80) != 0x7F80).all()), "bfloat16 infinity or NaN (5.4)")
+        Z = (bits << np.uint64(16)).astype(np.uint32).view(np.float32)
+    else:
+        check(bool(((bits & 0x7F800000) != 0x7F800000).all()), "binary32 infinity or NaN (5.4)")
+        Z = bits.astype(np.uint32).view(np.float32)
+    return Z.reshape(C, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Section 7: ALPH
 
 
@@ -545,6 +578,8 @@ def decode(data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
         Z = decode_scalar(hd, found["LDAT"])
     elif hd["quantizer"] == "palette":
         Z = decode_palette(hd, found["PLTE"], found["LDAT"])
+    elif hd["quantizer"] == "float":
+        Z = decode_float(hd, found["LDAT"])
     else:
         Z = decode_transform(hd, found["LDAT"])
     alpha = decode_alpha(hd, found["ALPH"]) if "ALPH" in found else None

@@ -10,6 +10,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -193,6 +194,25 @@ def test_header_range_checks() -> None:
         with pytest.raises(ValueError):
             rd.decode(replace(data, "HEAD", bytes(bad)))
     rejects(replace(data, "HEAD", bytes(head) + b"\0"), "HEAD length")
+
+
+def test_float_stream_rules() -> None:
+    # Section 5.4: element formats 1..3, the fixed channel table, the (3, 0) and (3, 1) pairs, finite values only.
+    data = vector("float-raw-bf16-la")
+    head = dict(split(data))["HEAD"]
+    cases = [(16, b"\0\0\0\0", "element format"), (16, b"\0\0\0\4", "element format"),
+             (15, b"\2", "quantizer/coder pair"), (head.index(b"\x3f\x80"), b"\x40", "channel table")]  # fmt: skip
+    for offset, raw, match in cases:
+        bad = bytearray(head)
+        bad[offset : offset + len(raw)] = raw
+        rejects(replace(data, "HEAD", bytes(bad)), match)
+    ldat = bytearray(dict(split(data))["LDAT"])
+    n = len(ldat) // 2  # bfloat16: plane 0 then plane 1
+    ldat[7], ldat[n + 7] = 0x7F, 0x80  # value 7: +infinity
+    rejects(replace(data, "LDAT", bytes(ldat)), "infinity or NaN")
+    rejects(replace(data, "LDAT", bytes(ldat[:-1])), "raw payload")
+    hd, Z, _ = rd.decode(data)
+    assert hd["element"] == "bfloat16" and hd["palette_size"] == 0 and np.signbit(Z.reshape(-1)[0])
 
 
 def test_preview_chunk() -> None:

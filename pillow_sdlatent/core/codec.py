@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import entropy, transform_coder
+from . import entropy, floats, transform_coder
 from .container import (
     SIGNATURE,
     Chunk,
@@ -25,7 +25,7 @@ from .container import (
     read_chunk,
     write_chunks,
 )
-from .header import Header
+from .header import MAX_LEVELS, Header
 from .palette import imagequant_palette, kmeans_palette
 from .scalar import dequantize, range_quantize
 from .settings import QuantSettings
@@ -50,8 +50,9 @@ def look_up(palette: np.ndarray, indices: np.ndarray) -> np.ndarray:
 class Quantized:
     """What a quantizer makes of latents: the ``HEAD`` fields it sets and the symbols its chunks code."""
 
-    fields: dict  # quantizer, palette_size, offset, scale, levels
-    payload: np.ndarray  # scalar: (C, h, w) symbols; palette: (h, w) indices; transform: (C, H, W) coefficients
+    fields: dict  # quantizer, palette_size, offset, scale, levels (and element, for the float quantizer)
+    payload: np.ndarray  # scalar: (C, h, w) symbols; palette: (h, w) indices; transform: (C, H, W) coefficients;
+    # float: (C, h, w) bit patterns
     palette: np.ndarray | None = None  # (K, C) symbols
     weights: tuple[int, ...] | None = None  # transform: the 16 band weights
 
@@ -62,7 +63,7 @@ class Quantized:
     def _as_decoded(self, shape: tuple[int, int]) -> Decoded:
         f = self.fields
         symbols = self.payload if self.palette is None else look_up(self.palette, self.payload)
-        return Decoded(f["offset"], f["scale"], f["levels"], symbols, self.weights, shape)
+        return Decoded(f["offset"], f["scale"], f["levels"], symbols, self.weights, shape, element=f.get("element"))
 
 
 @dataclass
@@ -72,10 +73,12 @@ class Decoded:
     offset: np.ndarray
     scale: np.ndarray
     levels: np.ndarray
-    symbols: np.ndarray  # (C, h, w) uint16 with the palette looked up; transform: (C, H, W) coefficients
+    symbols: np.ndarray  # (C, h, w) uint16 with the palette looked up; transform: (C, H, W) coefficients;
+    # float: (C, h, w) bit patterns (uint16, or uint32 for float32)
     weights: tuple[int, ...] | None
     shape: tuple[int, int]  # latent (h, w)
     latents: np.ndarray | None = None  # the dequantized latents, where decoding already computed them
+    element: str | None = None  # the float quantizer's element format
 
 
 @dataclass
@@ -255,10 +258,44 @@ class TransformCodec:
         return TransformQuantizer(params)
 
 
-CODECS = {codec.quantizer: codec for codec in (ScalarCodec(), PaletteCodec(), TransformCodec())}
+class FloatCodec:
+    """Quantizer 3: each latent's bit pattern in a float format (``HEAD`` names it), exactly, as byte planes,
+    ``LDAT`` raw or zstd (spec section 5.4)."""
+
+    quantizer = "float"
+    coders = ("raw", "zstd")
+
+    def quantize(self, latents: np.ndarray, settings: QuantSettings) -> Quantized:
+        if np.ndim(latents) != 3:
+            raise ValueError(f"latents must have shape (C, h, w), got {np.shape(latents)}")
+        bits = floats.to_bits(latents, settings.element)
+        c = bits.shape[0]
+        table = np.zeros(c, np.float32), np.ones(c, np.float32), np.full(c, MAX_LEVELS, np.uint32)
+        return Quantized({**_fields(self.quantizer, *table), "element": settings.element}, bits)
+
+    def encode(self, header: Header, q: Quantized) -> list[Chunk]:
+        return [Chunk(b"LDAT", entropy.encode_parts(floats.planes(q.payload), header.coder))]
+
+    def decode(self, header: Header, data: dict[bytes, bytes], truncated: bool) -> Decoded:
+        c, h, w = header.latent_shape
+        element = header.element or ""
+        size = c * h * w * floats.width(element)
+        raw = _byte_payload(header, _ldat(data, truncated), size, np.dtype(np.uint8), truncated).tobytes()
+        if len(raw) < size:  # tolerant mode: missing plane bytes are 0 (a cut keeps the top planes)
+            raw += bytes(size - len(raw))
+        bits = floats.from_planes(raw, c * h * w, element).reshape(c, h, w)
+        if not floats.finite(bits, element):
+            raise FormatError(f"LDAT holds an infinite or NaN {element} value (spec section 5.4: finite only)")
+        return Decoded(header.offset, header.scale, header.levels, bits, None, (h, w), element=element)
+
+    def dequantize(self, d: Decoded) -> np.ndarray:
+        return floats.from_bits(d.symbols, d.element or "")
 
 
-def codec_of(quantizer: str) -> ScalarCodec | PaletteCodec | TransformCodec:
+CODECS = {codec.quantizer: codec for codec in (ScalarCodec(), PaletteCodec(), TransformCodec(), FloatCodec())}
+
+
+def codec_of(quantizer: str) -> ScalarCodec | PaletteCodec | TransformCodec | FloatCodec:
     return CODECS[quantizer]
 
 

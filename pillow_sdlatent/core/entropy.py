@@ -17,6 +17,21 @@ def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=0).compress(data)
 
 
+def zstd_compress_parts(parts: list[bytes], level: int = ZSTD_LEVEL) -> bytes:
+    """One zstd frame of the concatenated ``parts`` (content size declared) with a block ending at each part's
+    end, so that each part gets its own literal statistics (the float quantizer's byte planes); a reader
+    sees an ordinary frame."""
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=0)
+    co = cctx.compressobj(size=sum(len(p) for p in parts))
+    out = bytearray()
+    for i, part in enumerate(parts):
+        out += co.compress(part)
+        if i < len(parts) - 1:
+            out += co.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    out += co.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+    return bytes(out)
+
+
 #: Output is produced in blocks of this size, so memory grows with the bytes that
 #: really decompress, never with what a (possibly forged) header declares.
 READ_BLOCK = 1 << 20
@@ -106,6 +121,13 @@ def encode(data: bytes, coder: str) -> bytes:
     if coder == "zstd":
         return zstd_compress(data)
     raise ValueError(f"unknown byte coder {coder!r}")
+
+
+def encode_parts(parts: list[bytes], coder: str) -> bytes:
+    """:func:`encode` of the concatenated ``parts``, zstd closing a block at each part boundary."""
+    if coder == "zstd":
+        return zstd_compress_parts(parts)
+    return encode(b"".join(parts), coder)
 
 
 def decode(data: bytes, coder: str, size: int, what: str = "payload") -> bytes:

@@ -21,14 +21,20 @@ MODES = {0: "L", 1: "RGB", 2: "LA", 3: "RGBA"}
 MODE_CODES = {v: k for k, v in MODES.items()}
 
 #: Quantizer ids. 0: one symbol per latent value; 1: palette of latent vectors; 2: one symbol per coefficient
-#: of a 4x4 DCT of each channel (core/transform_coder.py).
-QUANTIZERS = {0: "scalar", 1: "palette", 2: "transform"}
+#: of a 4x4 DCT of each channel (core/transform_coder.py); 3: each value's bit pattern in a float format, stored
+#: exactly (core/floats.py).
+QUANTIZERS = {0: "scalar", 1: "palette", 2: "transform", 3: "float"}
 QUANTIZER_CODES = {v: k for k, v in QUANTIZERS.items()}
 
-#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd (scalar and palette quantizers); 2: range coder
+#: Entropy coder ids for the ``LDAT`` payload. 0: none; 1: zstd (scalar, palette and float quantizers); 2: range coder
 #: of DCT bands (transform quantizer only, and its only coder; see core/transform_coder.py).
 CODERS = {0: "raw", 1: "zstd", 2: "transform"}
 CODER_CODES = {v: k for k, v in CODERS.items()}
+
+#: Element formats of the float quantizer, by their code in HEAD's ``palette_size`` field (spec section 5.4):
+#: 1 IEEE binary16, 2 bfloat16, 3 IEEE binary32.
+ELEMENTS = {1: "float16", 2: "bfloat16", 3: "float32"}
+ELEMENT_CODES = {v: k for k, v in ELEMENTS.items()}
 
 # Limits every reader enforces (spec section "Limits").
 MAX_DIMENSION = 1 << 24
@@ -63,6 +69,9 @@ class Header:
     scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     version: tuple[int, int] = VERSION
+    #: The float quantizer's element format (``ELEMENTS``); None for the other quantizers. Stored in the
+    #: bytes of ``palette_size``, which is 0 for every quantizer but the palette.
+    element: str | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -117,6 +126,10 @@ class Header:
                 raise bad(f"palette size {self.palette_size} outside 1..{MAX_PALETTE}")
         elif self.palette_size != 0:
             raise bad(f"palette size must be 0 for the {self.quantizer} quantizer")
+        if (self.quantizer == "float") != (self.element is not None):
+            raise bad("an element format goes with the float quantizer, and only with it")
+        if self.quantizer == "float" and self.element not in ELEMENT_CODES:
+            raise bad(f"unknown element format {self.element!r}; the float quantizer knows {', '.join(ELEMENT_CODES)}")
         if (self.quantizer == "transform") != (self.coder == "transform"):
             raise bad("the transform quantizer and the transform coder (2) go together, and only together")
         raw_id = self.model_id.encode("utf-8")
@@ -136,6 +149,12 @@ class Header:
             top = self.scale.astype(np.float32) * (self.levels - 1).astype(np.float32) + self.offset.astype(np.float32)
         if not np.all(np.isfinite(top)):
             raise bad("offset + scale * (levels - 1) overflows float32 in some channel")
+        if self.quantizer == "float" and not (
+            np.all(self.offset.astype(np.float32).view(np.uint32) == 0)
+            and np.all(self.scale == 1)
+            and np.all(self.levels == MAX_LEVELS)
+        ):
+            raise bad("the float quantizer's channel table must hold offset +0.0, scale 1.0, levels 65536")
 
     def pack(self) -> bytes:
         self.validate()
@@ -150,7 +169,7 @@ class Header:
             self.channels,
             QUANTIZER_CODES[self.quantizer],
             CODER_CODES[self.coder],
-            self.palette_size,
+            ELEMENT_CODES[self.element] if self.element is not None else self.palette_size,
             self.fingerprint,
             len(raw_id),
         )
@@ -171,6 +190,11 @@ class Header:
             raise FormatError(f"invalid SDL header: unknown mode {mode}, quantizer {quant} or coder {coder}")
         if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION and 1 <= downscale <= 64):
             raise FormatError(f"invalid SDL header: image {width}x{height} or factor {downscale} out of range")
+        element = None
+        if QUANTIZERS[quant] == "float":
+            if psize not in ELEMENTS:
+                raise FormatError(f"invalid SDL header: unknown element format {psize} of the float quantizer")
+            element, psize = ELEMENTS[psize], 0
         end_id = _FIXED.size + idlen
         expected = end_id + _CHANNEL.itemsize * channels
         if len(payload) != expected:
@@ -197,6 +221,7 @@ class Header:
             scale=table["scale"].astype(np.float32),
             levels=table["levels_minus_1"].astype(np.uint32) + 1,
             version=(vmaj, vmin),
+            element=element,
         )
         header.validate()
         return header

@@ -9,15 +9,18 @@ DEFAULT_QUALITY = 75
 ORIGINAL_SPAN = 3.0
 
 #: Named methods (``method=`` save option); ``quality`` tunes each of them except ``original``.
-METHODS = ("auto", "transform", "scalar", "palette", "original")
+METHODS = ("auto", "transform", "scalar", "palette", "original", "float16", "bfloat16", "float32")
+#: The lossless methods: each stores latents bit-exactly in the float format it names (quantizer 3).
+FLOAT_METHODS = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class QuantSettings:
     """How latents become symbols and bytes.
 
-    quantizer: ``"scalar"`` (one symbol per latent value), ``"palette"`` or ``"transform"`` (one symbol per
-        coefficient of a 4x4 DCT of each channel; coder ``transform`` only).
+    quantizer: ``"scalar"`` (one symbol per latent value), ``"palette"``, ``"transform"`` (one symbol per
+        coefficient of a 4x4 DCT of each channel; coder ``transform`` only) or ``"float"`` (each value's bit
+        pattern in the float format ``element``, exactly).
     levels: symbols per channel on the range grid (2..65536).
     palette_size: entries of a palette (palette quantizer only).
     palette_method: ``"kmeans"`` (uniform L2, any channel count) or
@@ -28,6 +31,7 @@ class QuantSettings:
     span: scalar grid over the fixed range [-span, span] for every channel (None: each channel's min..max).
     grid: the transform quantizer's (steps, offsets, band weights) to use instead of those the latents
         choose (set by latent refinement, which aims at a fixed quantizer; see transform_coder.params).
+    element: the float quantizer's format: ``"float16"`` (IEEE binary16), ``"bfloat16"`` or ``"float32"``.
     """
 
     quantizer: str = "scalar"
@@ -39,6 +43,7 @@ class QuantSettings:
     quality: int = DEFAULT_QUALITY
     span: float | None = None
     grid: tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]] | None = None  # transform_coder.Params
+    element: str = "float16"
 
 
 def settings_for(
@@ -62,8 +67,12 @@ def settings_for(
     with error-diffusion dithering, then zstd.
     ``original``: the original Stable Diffusion method: latents mapped from
     [-3, 3] to 8 bits, a 256-colour libimagequant palette with dithering, zstd
-    (4-channel latents only; ``quality`` does not change it). In every method but ``original`` file size grows with
-    quality.
+    (4-channel latents only; ``quality`` does not change it). In every method but ``original`` and the float
+    methods file size grows with quality.
+    ``float16``, ``bfloat16``, ``float32``: lossless, the float quantizer (id 3): every latent rounded to that
+    format (to nearest, ties to even; exact for latents already in it) and stored bit-exactly, as byte planes
+    through zstd (``quality`` does not change it; ``write_latents(..., lossless=True)`` picks the format of
+    the tensor's dtype).
     """
     q = DEFAULT_QUALITY if quality is None else quality
     if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 100:
@@ -74,7 +83,9 @@ def settings_for(
         raise ValueError(f"dither must be in 0..1, got {dither!r}")
     if palette_size is not None and not 2 <= palette_size <= 65536:
         raise ValueError(f"palette_size must be in 2..65536, got {palette_size!r}")
-    if method == "original":
+    if method in FLOAT_METHODS:
+        s = QuantSettings("float", coder="zstd", element=method)
+    elif method == "original":
         if channels != 4:
             raise ValueError(f"method='original' (libimagequant) needs 4 latent channels, this model has {channels}")
         s = QuantSettings("palette", 256, palette_size or 256, "imagequant", 1.0, "zstd", span=ORIGINAL_SPAN)

@@ -44,6 +44,12 @@ def rule_cases() -> dict[str, bytes]:
     big = build_file(1040, 1040, "RGB", 4, QuantSettings("scalar", 64), 6)  # 4-byte content size in its frame
     big_frame = entropy.zstd_compress(decode_bytes(big).symbols.astype(np.uint8).tobytes())
     preview = bytes([1, 1, 3]) + np.full((3, 9), 65504, ">f2").tobytes()
+    half = build_file(32, 16, "RGB", 4, QuantSettings("float", coder="raw", element="float16"), 7)
+    planes = bytearray(split_chunks(half)[-2][2])  # the LDAT: 2 planes of 4 x 2 x 4 values
+    planes[5], planes[32 + 5] = 0x7E, 0x00  # value 5 becomes a binary16 NaN
+    table_row = 37 + len(b"sdl-fuzz")  # the first channel-table row of HEAD
+    head = bytearray(split_chunks(half)[0][2])
+    head[table_row : table_row + 4] = struct.pack(">f", 1.0)  # offset 1.0: not the fixed row
     return {
         "rule-send-not-empty": scalar[: scalar.rindex(b"SEND") - 4] + b"".join(sealed(b"SEND", b"\x00")),
         "rule-bytes-after-send": scalar + b"not part of the file",
@@ -59,6 +65,9 @@ def rule_cases() -> dict[str, bytes]:
         ),
         "rule-preview-large-coefficients": edit(transform, b"prVw", preview, before=b"LDAT"),
         "rule-300-channels-f8": forge_head(transform, extra_rows=296, channels=300),
+        "rule-float-nan": edit(half, b"LDAT", bytes(planes)),
+        "rule-float-table-row": join_chunks([sealed(b"HEAD", bytes(head)), *split_chunks(half)[1:]]),
+        "rule-float-element-4": forge_head(half, palette_size=4),
     }
 
 
@@ -67,11 +76,13 @@ def cases() -> dict[str, bytes]:
     alph = rgba.index(b"ALPH")
     scalar = build_file(16, 16, "RGB", 4, QuantSettings("scalar", 16), 2, downscale=1)
     transform = build_file(64, 48, "RGB", 4, QuantSettings("transform", coder="transform", quality=60), 3)
+    half = build_file(64, 48, "RGB", 4, QuantSettings("float", coder="zstd", element="float16"), 4)
     return {
         "tolerant-truncated-alph": rgba[: alph + 20],
         "tolerant-latent-bomb-c1024-f1": forge_head(scalar, extra_rows=1020, width=65535, height=1, channels=1024),
         "tolerant-117m-latent-values": forge_head(scalar, width=7, height=1 << 24),
         "reader-transform-forged-size": forge_head(transform, width=1 << 14, height=10_000),
+        "tolerant-float-cut": half[: half.index(b"LDAT") + 4 + 300],  # inside the second plane's block
     }
 
 
