@@ -391,32 +391,44 @@ def search(args: argparse.Namespace) -> int:
 
 
 def timing(args: argparse.Namespace) -> int:
+    """Seconds of a decode and of a refinement step through the quantizer, the steps in float32 and under the
+    bf16 autocast (``STEP_PRECISION``) side by side in this one run (on the CPU; a GPU runs the model's dtype)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from speed import build  # the SD VAE architecture with random weights: honest for speed, not quality
 
     from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.models import refine as refine_module
+    from pillow_sdlatent.models.device import cpu_has_native_bf16
     from pillow_sdlatent.models.refine import transform_quantizer
 
     device = torch.device(args.device)
+    precisions = ("float32", "bfloat16") if device.type == "cpu" else ("auto",)
     print(f"{cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, {args.threads} thread(s), "
-          f"torch {torch.__version__}, float32")  # fmt: skip
+          f"torch {torch.__version__}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; {args.steps} "
+          f"steps in one stage, each with its share of the scoring (bf16: also the float32 re-scoring)")  # fmt: skip
     print()
-    print("| model | size | decode s | refine s/step | steps per decode |")
-    print("|---|---|---|---|---|")
+    cols = " | ".join(f"refine s/step {p}" for p in precisions)
+    print(f"| model | size | decode s | {cols} |{' bf16 speed-up |' if len(precisions) == 2 else ''}")
+    print("|---|---|---|" + "---|" * (len(precisions) + (len(precisions) == 2)))
     for name, (h, w) in (("taesd", (512, 768)), ("sd", (256, 256)), ("sd", (512, 512))):
         model = build(name, device, torch.float32)
         x = torch.rand(1, 3, h, w, device=device)
         z = model.encode(x)
+        model.decode(z)  # warm-up
         t0 = time.perf_counter()
         model.decode(z)
         dec = time.perf_counter() - t0
         q = transform_quantizer(transform_coder.params(z[0].cpu().numpy(), 60))
-        model.refine(x, z, 1, quantizer=q, tile_size=0)  # warm-up
-        t0 = time.perf_counter()
-        model.refine(x, z, 3, quantizer=q, tile_size=0)
-        per = (time.perf_counter() - t0) / 3  # 3 steps (the scoring pass of the last one included)
+        per = []
+        for precision in precisions:
+            with patch.object(refine_module, "STEP_PRECISION", precision):
+                model.refine(x, z, 1, quantizer=q, tile_size=0)  # warm-up
+                t0 = time.perf_counter()
+                model.refine(x, z, args.steps, quantizer=q, tile_size=0)
+                per.append((time.perf_counter() - t0) / args.steps)
         label = "TAESD" if name == "taesd" else "SD VAE (random weights)"
-        print(f"| {label} | {w}x{h} | {dec:.2f} | {per:.2f} | {per / dec:.1f} |", flush=True)
+        ratio = f" {per[0] / per[1]:.2f}x |" if len(per) == 2 else ""
+        print(f"| {label} | {w}x{h} | {dec:.2f} | {' | '.join(f'{p:.2f}' for p in per)} |{ratio}", flush=True)
     return 0
 
 

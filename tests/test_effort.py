@@ -17,7 +17,7 @@ from PIL import Image
 from pillow_sdlatent import cli, effort, options
 from pillow_sdlatent.core import transform_coder
 from pillow_sdlatent.core.settings import settings_for
-from pillow_sdlatent.models import load_model
+from pillow_sdlatent.models import load_model, refine
 from pillow_sdlatent.models.refine import search_cost, transform_quantizer
 from pillow_sdlatent.pipeline import encode_latents, latents_for_file, search_stages, to_tensor
 
@@ -68,7 +68,11 @@ def test_bad_environment_effort_names_the_variable(monkeypatch: pytest.MonkeyPat
         search_stages()
 
 
-def test_higher_effort_never_scores_worse(taesd_dir: Path, kodak_dir: Path) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_higher_effort_never_scores_worse(taesd_dir: Path, kodak_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          precision: str) -> None:  # fmt: skip
+    # bfloat16: the steps run under the autocast and only propose; the float32 cost still picks (STEP_PRECISION)
+    monkeypatch.setattr(refine, "STEP_PRECISION", precision)
     model = load_model(str(taesd_dir), "cpu")
     with Image.open(kodak_dir / "kodim23.png") as im:
         rgb = np.asarray(im.convert("RGB").crop((256, 128, 320, 192)))
@@ -125,3 +129,17 @@ def test_latents_written_as_they_are_whatever_the_effort(monkeypatch: pytest.Mon
     b = io.BytesIO()
     write_latents(b, z, model_id="my-vae", fingerprint=bytes(16).hex(), quality=60)
     assert a.getvalue() == b.getvalue()
+
+
+def test_step_precision(taesd_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pillow_sdlatent.models import device
+
+    model = load_model(str(taesd_dir), "cpu")
+    for native, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        assert refine.step_autocast(model) is want  # "auto": bf16 only where the CPU multiplies it natively
+    monkeypatch.setattr(refine, "STEP_PRECISION", "float32")
+    assert refine.step_autocast(model) is None
+    monkeypatch.setattr(refine, "STEP_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="STEP_PRECISION must be"):
+        refine.step_autocast(model)

@@ -223,11 +223,16 @@ def test_latent_api_refines_against_float_decode(taesd_dir: Path, kodak_crop: Im
     assert torch.allclose(tensor_refined, refined, atol=1e-4)
 
 
-def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path) -> None:
+def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The rate term is the coder's own code length of the AC bands (the twin's code_length, within a few percent
     # of what encode_symbols counts for them): refining with it spends fewer of the coder's bits than on the
     # distortion alone, and the kept iterate's cost (distortion + rate term) is never above the start's.
+    # float32 steps on every CPU: the margin on this small crop (4%) is within what the bf16 autocast's noise moves.
     from dataclasses import replace
+
+    from pillow_sdlatent.models import refine
+
+    monkeypatch.setattr(refine, "STEP_PRECISION", "float32")
 
     from pillow_sdlatent.core import transform_coder
     from pillow_sdlatent.core.settings import settings_for

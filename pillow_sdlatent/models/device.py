@@ -51,6 +51,19 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 on Zen 4/5 and Cooper Lake on, or AMX), as
+    torch's oneDNN sees it: there the refinement's steps run under a bf16 autocast
+    (:data:`.refine.STEP_PRECISION`; forward and backward 1.8x float32 on a Zen 4 core, docs/refine.md)."""
+    if cpu_has_amx():
+        return True
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # no oneDNN in this build
+        return False
+
+
 def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> tuple[torch.dtype, str]:
     """(precision, why): ``options.resolve("DTYPE", dtype)`` if set (argument, ``options.DTYPE``,
     ``SDLATENT_DTYPE``), else bfloat16 on CPUs with AMX and float32 on other CPUs, bfloat16/float16 on GPUs.

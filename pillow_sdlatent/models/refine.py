@@ -97,6 +97,18 @@ RATE = "bits"
 #: as SCHEDULE (cosine, 10 steps), gap to AVIF at quality 60 / 75: 0.5: 0.45 / 0.51, 1: 0.43 / 0.50, 2: 0.49 /
 #: 0.49, 4: 0.61 / 0.52; with the stages of effort 5 (40 steps) 0.24 / 0.29 against the old search's 0.33 / 0.31.
 RATE_LAMBDA = 1.0
+#: The optimizer of the steps through the quantizer: "ngd" (:class:`NormalizedGradient`: every latent moves by
+#: its gradient over the gradients' root mean square, times the learning rate) or "adam" (the search before
+#: it). Adam's first steps move every latent by about the learning rate whatever its gradient (a sign step),
+#: which is most of what the low levels run. Measured in docs/refine.md (benchmarks/refine.py --search).
+OPTIMIZER = "ngd"
+#: Precision of the steps through the quantizer on the CPU: "auto" runs their forward and backward passes under a
+#: bfloat16 autocast where the CPU multiplies bf16 natively (:func:`.device.cpu_has_native_bf16`: AVX512-BF16 or
+#: AMX) and the model is float32, else float32; "bfloat16" always, "float32" never. In bf16 the steps only
+#: propose: the start latents and each stage's best iterate are scored again in float32, and only that score
+#: picks the latents a stage restarts from and the ones written (so "never worse than the encoder's latents",
+#: and levels that nest, hold in float32). Measured in docs/refine.md (benchmarks/refine.py --timing, --search).
+STEP_PRECISION = "auto"
 
 
 def refine_latents(
@@ -138,7 +150,7 @@ def refine_latents(
     if images.shape[0] != n or images.shape[-2:] != (lh * f, lw * f):
         raise ValueError(f"images {tuple(images.shape)} do not match latents {tuple(latents.shape)} (x{f})")
     height, width = height or lh * f, width or lw * f
-    tile = _tile_latents(model, tile_size)
+    tile = _tile_latents(model, tile_size, lh, lw)
     out = latents.detach().to(torch.float32).clone()
     for y0 in range(0, lh, tile):
         for x0 in range(0, lw, tile):
@@ -170,10 +182,12 @@ def distortion(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _tile_latents(model: Autoencoder, tile_size: int | None) -> int:
-    """Side of a refined tile in latents, halo excluded (tile size 0: never tile)."""
+def _tile_latents(model: Autoencoder, tile_size: int | None, lh: int, lw: int) -> int:
+    """Side of a refined tile in latents, halo excluded, for ``lh`` x ``lw`` latents: all of them when their
+    image fits the refinement's share of a tile (a 768x512 Kodak image on the CPU: halos would add 17% to every
+    step), else squares (tile size 0: never tile)."""
     pixels = model._tile_pixels(tile_size) * MEMORY_SHARE
-    if pixels == 0:
+    if pixels == 0 or lh * lw * model.downscale**2 <= pixels:
         return 1 << 30
     side = int(math.isqrt(int(pixels)) // model.downscale) - 2 * HALO
     return max(8, side - side % 4)  # a multiple of 4 (as HALO): tiles start on the transform's block grid
@@ -228,27 +242,81 @@ def _refine_tile(
     if quantizer is None:
         return _refine_float(model, z, sum(stages), lambda zz: distortion(decode(zz), goal))
     cost = _cost(quantizer, z, rate_weight, mask_h * mask_w)
-    best, best_loss = z, math.inf
+    low = step_autocast(model)
+
+    def score(zz: torch.Tensor) -> float:  # the float32 cost: what picks the latents when the steps run in bf16
+        with torch.no_grad():
+            return float(distortion(decode(quantizer(zz)), goal) + cost(zz))
+
+    best, best_loss = (z, score(z)) if low else (z, math.inf)
     with torch.enable_grad():
         for n in stages:  # each stage restarts from the best latents seen, with a fresh Adam
             z = best.clone().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=learning_rate(0, n))
+            opt = _optimizer(z, learning_rate(0, n))
+            found, found_loss = best, best_loss if not low else math.inf  # the stage's best, on the steps' cost
             for i in range(n + 1):  # one more forward pass to score the stage's last step
                 opt.zero_grad(set_to_none=True)
                 zin = z + (quantizer(z) - z).detach()  # straight-through rounding
-                loss = distortion(decode(zin), goal) + cost(z)
+                with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+                    out = decode(zin)
+                loss = distortion(out.float(), goal) + cost(z)
                 if not bool(torch.isfinite(loss)):
                     _warn_nonfinite(model)
-                    return best
-                if float(loss.detach()) < best_loss:
-                    best, best_loss = z.detach().clone(), float(loss.detach())
+                    if low:
+                        found_loss = score(found) if found is not best else best_loss
+                    return found if found_loss < best_loss else best
+                if float(loss.detach()) < found_loss:  # (step 0 is the restart point: ``best`` itself)
+                    found, found_loss = best if i == 0 else z.detach().clone(), float(loss.detach())
                 if i == n:
                     break
                 loss.backward()
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(i, n)
                 opt.step()
+            if low:
+                found_loss = score(found) if found is not best else best_loss
+            if found_loss < best_loss:
+                best, best_loss = found, found_loss
     return best
+
+
+class NormalizedGradient(torch.optim.Optimizer):
+    """Gradient descent with the step scaled to the learning rate in root mean square over the tensor:
+    ``z -= lr * grad / rms(grad)``; latents move in proportion to their gradient, and the step's size does not
+    depend on the loss's scale (which the rate term and the quality change)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    rms = p.grad.square().mean().sqrt()
+                    if float(rms) > 0:
+                        p.add_(p.grad / rms, alpha=-group["lr"])
+
+
+def _optimizer(z: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    if OPTIMIZER == "adam":
+        return torch.optim.Adam([z], lr=lr)
+    if OPTIMIZER == "ngd":
+        return NormalizedGradient([z], lr)
+    raise ValueError(f"OPTIMIZER must be 'ngd' or 'adam', got {OPTIMIZER!r}")
+
+
+def step_autocast(model: Autoencoder) -> torch.dtype | None:
+    """The autocast dtype of the steps through the quantizer (:data:`STEP_PRECISION`), None for float32."""
+    if STEP_PRECISION not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"STEP_PRECISION must be 'auto', 'bfloat16' or 'float32', got {STEP_PRECISION!r}")
+    if STEP_PRECISION == "float32" or model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    if STEP_PRECISION == "bfloat16":
+        return torch.bfloat16
+    from .device import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def search_cost(
