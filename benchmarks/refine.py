@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--search", action="store_true", help="compare search variants (see the module's docstring)")
     ap.add_argument("--stages", nargs="+", type=int, default=[10], help="--search: refinement steps of each stage")
+    ap.add_argument("--target-bpp", nargs="+", type=float, help="--search: save at these budgets (bits per pixel, "
+                    "target_bpp) instead of --quality, the joint choice of quality and search beside a search at the "
+                    "quality the unrefined files' bisection finds (how budgets were met before it)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.timing:
@@ -365,6 +368,17 @@ def search(args: argparse.Namespace) -> int:
                     stack.enter_context(patch.multiple(module, **values))
             rdo = float(patch_sets["rdo"].get("lambda", 0))
             for name, rgb, z in crops:
+                if args.target_bpp:
+                    for b in args.target_bpp:
+                        for how, secs, data in budget_files(model, rgb, z, b, tuple(args.stages)):
+                            out = decode_rgb(decode_bytes(data), model)
+                            jod = metrics.jod(rgb, out) if metrics.has_jod else float("nan")
+                            a = avif_at(name, rgb, len(data)) or (float("nan"), float("nan"))
+                            row = [len(data) * 8 / rgb[..., 0].size, rd_metrics.psnr(rgb, out), jod, *a, secs]
+                            rows.setdefault((f"{label} {how}", b), []).append(row)
+                            print(f"{label} {how} {name} {b} bpp: " + " ".join(f"{v:.4f}" for v in row),
+                                  file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 for q in args.quality:
                     s = settings_for(q, "auto", model.latent_channels)
                     t0 = time.perf_counter()
@@ -381,13 +395,41 @@ def search(args: argparse.Namespace) -> int:
                     rows.setdefault((label, q), []).append(row)
                     print(f"{label} {name} q{q}: " + " ".join(f"{v:.4f}" for v in row), file=sys.stderr, flush=True)
     print()
-    print("| variant | quality | bpp | PSNR dB | JOD | AVIF at <= bytes, PSNR / JOD | JOD gap to AVIF | s per crop |")
+    print(f"| variant | {'target bpp' if args.target_bpp else 'quality'} | bpp | PSNR dB | JOD "
+          "| AVIF at <= bytes, PSNR / JOD | JOD gap to AVIF | s per crop |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for (label, q), rs in rows.items():
         m = np.mean(rs, axis=0)
         print(f"| {label} | {q} | {m[0]:.4f} | {m[1]:.2f} | {m[2]:.3f} | {m[3]:.2f} / {m[4]:.2f} | {m[4] - m[2]:.2f} "
               f"| {m[5]:.1f} |")  # fmt: skip
     return 0
+
+
+def budget_files(model, rgb: np.ndarray, z: np.ndarray, bpp: float, stages: tuple[int, ...]) -> list[tuple]:
+    """(how, seconds, file bytes) of ``rgb`` saved at ``bpp`` with the search ``stages``: "joint" as ``Image.save``
+    does (:func:`pipeline.refined_within`), "at found" refined at the quality the unrefined files' bisection
+    finds, kept if it fits (the unrefined file if not), as budgets were met before the joint choice."""
+    from pillow_sdlatent.core import ratecontrol
+    from pillow_sdlatent.core.settings import settings_for
+    from pillow_sdlatent.pipeline import encode_chunks, file_bytes, latents_for_file, latents_to_chunks
+
+    size = (rgb.shape[1], rgb.shape[0])
+    budget = ratecontrol.budget_bytes(*size, target_bpp=bpp)
+
+    def build(s, zz: np.ndarray = z) -> list:
+        return latents_to_chunks(zz, model, s, size, preview_of=rgb)
+
+    def choose(q: int | None):
+        return settings_for(q, "auto", z.shape[0])
+
+    t0 = time.perf_counter()
+    joint = file_bytes(encode_chunks(z, model, size=size, rgb=rgb, target_bpp=bpp, refine=stages))
+    t1 = time.perf_counter()
+    found, plain = ratecontrol.fit_budget(choose, build, budget)
+    zr, sr = latents_for_file(model, rgb, z, choose(found), stages)
+    refined = build(sr, zr)
+    at_found = file_bytes(refined if ratecontrol.file_size(refined) <= budget else plain)
+    return [("joint", t1 - t0, joint), ("at found", time.perf_counter() - t1, at_found)]
 
 
 def timing(args: argparse.Namespace) -> int:

@@ -232,7 +232,7 @@ def encode_chunks(
     settings: QuantSettings | None = None,
     target_size: int | None = None,
     target_bpp: float | None = None,
-    refine: int | None = None,
+    refine: int | Sequence[int] | None = None,
     effort: int | None = None,
     preview: bool = True,
     info: dict | None = None,
@@ -249,8 +249,8 @@ def encode_chunks(
         fitted to it (no preview without it, or with ``preview=False``).
     quality, method, dither, palette_size: as the save options; or ``settings`` for full control.
     target_size, target_bpp: a byte budget instead of ``quality``: the highest quality that fits
-        (see :mod:`.core.ratecontrol`); refined files are refined at the quality found, and the
-        unrefined file is kept if the refined one overshoots.
+        (see :mod:`.core.ratecontrol`); with a search, quality and search are chosen together
+        (:func:`refined_within`), and the unrefined file is kept if no refined one fits.
     refine, effort: the encoder's search (:func:`search_stages`; :mod:`.effort`).
     info: ``exif``/``icc_profile``/``xmp`` metadata; ``extra``: further ancillary chunks.
     """
@@ -276,12 +276,45 @@ def encode_chunks(
 
     if budget is None:
         return refined(choose(quality)) if steps else build(choose(quality))
-    found, chunks = ratecontrol.fit_budget(choose, build, budget)
-    if steps:  # refine at the quality the search found; keep the unrefined file if the refined one overshoots
-        better = refined(choose(found))
-        if ratecontrol.file_size(better) <= budget:
-            chunks = better
+    plain: dict[QuantSettings, list[Chunk]] = {}  # unrefined files by setting: the joint search sizes some twice
+
+    def build_once(s: QuantSettings) -> list[Chunk]:
+        if s not in plain:
+            plain[s] = build(s)
+        return plain[s]
+
+    found, chunks = ratecontrol.fit_budget(choose, build_once, budget)
+    if steps:
+        return refined_within(budget, found, chunks, choose, build_once, refined)
     return chunks
+
+
+def refined_within(
+    budget: int,
+    found: int,
+    plain: list[Chunk],
+    choose: Callable[[int | None], QuantSettings],
+    build: Callable[[QuantSettings], list[Chunk]],
+    refined: Callable[[QuantSettings], list[Chunk]],
+) -> list[Chunk]:
+    """The file for a byte budget when the writer searches: quality and search chosen together.
+
+    ``found`` is the highest quality whose unrefined file (``plain``) fits. The search changes the bytes (its
+    rate term mostly saves some), so the file refined at ``found`` is measured, and the quality that the
+    same ratio of refined to unrefined bytes would fit is refined too when it differs; the better-quality
+    one that fits is kept, else ``plain``. At most two searches run."""
+    first = refined(choose(found))
+    ratio = ratecontrol.file_size(first) / ratecontrol.file_size(plain)
+    fits = [(found, first)] if ratecontrol.file_size(first) <= budget else []
+    try:
+        guess, _ = ratecontrol.fit_budget(choose, build, int(budget / ratio))
+    except ratecontrol.BudgetError:
+        guess = found
+    if guess != found:
+        second = refined(choose(guess))
+        if ratecontrol.file_size(second) <= budget:
+            fits.append((guess, second))
+    return max(fits, key=lambda qc: qc[0])[1] if fits else plain
 
 
 def encode_image(

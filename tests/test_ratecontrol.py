@@ -147,3 +147,33 @@ def test_quality_and_budget_conflict(gradient: Image.Image) -> None:
         _save(gradient, quality=50, target_size=1000)
     with pytest.raises(ValueError, match="not both"):
         _save(gradient, target_size=1000, target_bpp=1.0)
+
+
+@pytest.mark.parametrize(("shrink", "expect"), [(0.8, "higher"), (1.0, "same"), (1.3, "lower"), (20.0, "plain")])
+def test_budget_with_search_chooses_quality_and_search_together(shrink: float, expect: str) -> None:
+    # The search (refinement) changes the bytes by a ratio: where it saves bytes, the budget buys a higher quality
+    # than the unrefined files' bisection found; where it spends bytes, a lower one; where no refined file fits,
+    # the unrefined one is kept. The result always fits, and at most two searches run.
+    from pillow_sdlatent.pipeline import refined_within
+
+    levels = {settings_for(q, method="scalar").levels for q in range(101)}
+    sizes = {lv: 300 + 40 * lv for lv in levels}
+    settings, build, _ = _synthetic(sizes)
+    searched: list[int] = []
+
+    def refined(s: QuantSettings) -> list[Chunk]:
+        searched.append(s.levels)
+        return [Chunk(b"LDAT", b"r" * (int(sizes[s.levels] * shrink) - 8 - 12))]
+
+    budget = 3000
+    found, plain = ratecontrol.fit_budget(settings, build, budget)
+    out = refined_within(budget, found, plain, settings, build, refined)
+    assert ratecontrol.file_size(out) <= budget and len(searched) <= 2
+    if expect == "plain":
+        assert out is plain
+        return
+    assert out[0].payload[:1] == b"r"  # a refined file, of the highest levels whose refined file fits
+    best = max(lv for lv in levels if int(sizes[lv] * shrink) <= budget)
+    assert ratecontrol.file_size(out) == int(sizes[best] * shrink)
+    at_found = settings(found).levels
+    assert {"higher": best > at_found, "same": best == at_found, "lower": best < at_found}[expect]
