@@ -31,6 +31,14 @@ next to AVIF (Pillow, speed 6) at the highest quality not larger than the .sdl f
 
     ../benchvenv/bin/python benchmarks/refine.py --search --threads 1 --quality 60 75 --stages 10 \
         --variants "constant:SCHEDULE=constant" "cosine:" "bits:RATE=bits"
+    ../benchvenv/bin/python benchmarks/refine.py --search --threads 1 --quality 60 75 --stages 2 3 5 \
+        --variants "adam:OPTIMIZER=adam,STEP_PRECISION=float32" "ngd:STEP_PRECISION=float32" "ngd-bf16:" \
+        "soft:GRADIENT=soft,SOFT_TEMPERATURE=0.5" "feedback:feedback.k=2"
+    ../benchvenv/bin/python benchmarks/refine.py --search --threads 1 --target-bpp 0.1 0.15 0.2 --stages 2 3 5
+
+Besides the constants, ``rdo.lambda=K`` (coefficient RDO without the decoder, :func:`rdo_latents`) and
+``feedback.k=K,feedback.alpha=A`` (encoder feedback instead of gradient steps, :func:`feedback_latents`) are
+variants this script implements, neither shipped.
 """
 
 from __future__ import annotations
@@ -307,7 +315,7 @@ def _patches(spec: str) -> tuple[str, dict[str, dict[str, object]]]:
     import ast
 
     label, _, rest = spec.partition(":")
-    out: dict[str, dict[str, object]] = {"refine": {}, "effort": {}, "rdo": {}}
+    out: dict[str, dict[str, object]] = {"refine": {}, "effort": {}, "rdo": {}, "feedback": {}}
     for item in filter(None, rest.split(",")):
         name, _, text = item.partition("=")
         module, _, name = name.rpartition(".")
@@ -382,7 +390,10 @@ def search(args: argparse.Namespace) -> int:
                 for q in args.quality:
                     s = settings_for(q, "auto", model.latent_channels)
                     t0 = time.perf_counter()
-                    zq, sq = latents_for_file(model, rgb, z, s, tuple(args.stages))
+                    if patch_sets["feedback"]:
+                        zq, sq = feedback_latents(model, rgb, z, s, **patch_sets["feedback"])  # type: ignore[arg-type]
+                    else:
+                        zq, sq = latents_for_file(model, rgb, z, s, tuple(args.stages))
                     if rdo:
                         sq = replace(sq, grid=sq.grid or transform_coder.params(zq, q))
                         zq = rdo_latents(zq, sq.grid, rdo)
@@ -403,6 +414,29 @@ def search(args: argparse.Namespace) -> int:
         print(f"| {label} | {q} | {m[0]:.4f} | {m[1]:.2f} | {m[2]:.3f} | {m[3]:.2f} / {m[4]:.2f} | {m[4] - m[2]:.2f} "
               f"| {m[5]:.1f} |")  # fmt: skip
     return 0
+
+
+def feedback_latents(model, rgb: np.ndarray, z: np.ndarray, s, k: int = 2, alpha: float = 1.0) -> tuple:
+    """Encoder feedback (variant ``feedback.k=K,feedback.alpha=A``; not shipped): ``z += A * (E(x) - E(D(Q(z))))``
+    K times, the encoder standing in for the decoder's inverse (a decode and an encode per round, no backward
+    pass); the latents of lowest refinement cost (:func:`search_cost`) among the start and the K rounds kept."""
+    from dataclasses import replace
+
+    from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.models.refine import search_cost, transform_quantizer
+    from pillow_sdlatent.pipeline import to_tensor
+
+    params = transform_coder.params(z, s.quality)
+    quantizer = transform_quantizer(params)
+    x = to_tensor(rgb, model.downscale)
+    start = torch.from_numpy(z)[None]
+    rounds, zt = [start], start
+    with torch.no_grad():
+        for _ in range(k):
+            zt = zt + alpha * (start - model.encode(model.decode(quantizer(zt))))
+            rounds.append(zt)
+    costs = [search_cost(model, x, start, r, quantizer) for r in rounds]
+    return rounds[int(np.argmin(costs))][0].numpy().astype(np.float32), replace(s, grid=params)
 
 
 def budget_files(model, rgb: np.ndarray, z: np.ndarray, bpp: float, stages: tuple[int, ...]) -> list[tuple]:

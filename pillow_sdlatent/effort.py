@@ -3,10 +3,10 @@
 Every level writes an ordinary format 1.0 file (any reader decodes it at the same cost); only the encoder
 works harder. A level is a budget of refinement (:mod:`pillow_sdlatent.models.refine`): gradient steps on
 the latents through the quantizer's torch twin and the decoder (each step costs two to three decodes), in
-*stages*. Each stage restarts Adam from the best latents seen so far with a learning rate that decays on a
-cosine, and keeps the best iterate it sees, scored on the refinement's own cost (distortion + rate). Level
-``e + 1`` runs the stages of level ``e`` and one more, so a higher level never scores worse on that cost
-than a lower one at the same quality.
+*stages*. Each stage restarts the optimizer (normalized gradient steps) from the best latents seen so far
+with a learning rate that decays on a cosine, and keeps the best iterate it sees, scored on the refinement's
+own cost (distortion + rate; in float32 where the steps run in bf16). Level ``e + 1`` runs the stages of level
+``e`` and one more, so a higher level never scores worse on that cost than a lower one at the same quality.
 
 Level 0 (the default) does not search: the encoder's latents, the quantizer's dead-zone rounding, today's
 save time. Rate-distortion optimized quantization of the coefficients without the decoder (lowering or

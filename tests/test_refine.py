@@ -4,6 +4,7 @@ on tiles, refuse bad step counts before writing anything, and leave refine=0 fil
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +296,27 @@ def test_distortion_of_images_smaller_than_the_pooling() -> None:
 
     goal = torch.zeros((1, 3, 3, 40))
     assert float(distortion(goal + 0.1, goal)) == pytest.approx(2 * 0.1**2)  # full scale + one 2x2 level
+
+
+def test_soft_rounding_is_continuous_and_cools_to_the_quantizer() -> None:
+    # GRADIENT = "soft": the soft dead-zone rounding has no jumps (a usable gradient everywhere, through t = 0
+    # included), cools to the file's own rounding, and the twin's soft map cools to the twin.
+    from pillow_sdlatent.core import transform_coder
+    from pillow_sdlatent.core.twins import soft_dead_zone
+    from pillow_sdlatent.models.refine import transform_quantizer
+
+    t = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+    hard = torch.sign(t) * torch.floor(t.abs() + transform_coder.RHO)
+    for temperature in (100.0, 0.5, 0.1):
+        q = soft_dead_zone(t, transform_coder.RHO, temperature)
+        slope = 1 / (2 * temperature * math.tanh(1 / (2 * temperature)))  # its steepest; a jump is >= 0.2
+        assert q.diff().abs().max() <= 1.01 * slope * 1e-4, temperature
+    cold = soft_dead_zone(t, transform_coder.RHO, 1e-3)
+    assert ((cold - hard).abs() < 1e-3).double().mean() > 0.99  # all but points on a bin's edge
+
+    z = torch.randn(1, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    quantizer = transform_quantizer(transform_coder.params(z[0].float().numpy(), 60))
+    assert ((quantizer.soft(z, 1e-4) - quantizer(z)).abs() < 1e-3).double().mean() > 0.95
+    z.requires_grad_(True)
+    quantizer.soft(z, 0.1).sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0

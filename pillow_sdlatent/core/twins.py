@@ -6,11 +6,27 @@ them equal), with a rate proxy, so that latent refinement (models/refine.py) opt
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import rangecode as rc
 from . import transform_coder as tc
+
+
+def soft_round(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Agustsson and Theis's soft rounding: ``round(x)`` as ``temperature`` goes to 0, slope 1 (the identity
+    plus a constant) as it grows, smooth between."""
+    k = 1.0 / (2.0 * math.tanh(1.0 / (2.0 * temperature)))
+    f = torch.floor(x).detach()
+    return f + 0.5 + k * torch.tanh((x - f - 0.5) / temperature)
+
+
+def soft_dead_zone(t: torch.Tensor, rho: float, temperature: float) -> torch.Tensor:
+    """The transform quantizer's AC rounding ``sign(t) * floor(|t| + rho)``, made smooth as :func:`soft_round`
+    (``floor(u) == round(u - 1/2)``); the relu holds the dead zone's centre at 0, so it is continuous at t = 0."""
+    return torch.sign(t) * soft_round(torch.relu(t.abs() + rho - 0.5), temperature)
 
 
 class TransformQuantizer:
@@ -44,6 +60,21 @@ class TransformQuantizer:
         t = X / s
         q = torch.sign(t) * torch.floor(t.abs() + self._rho)
         q[..., 0, 0] = torch.round(t[..., 0, 0])  # the DC rounds to nearest (no gradient flows here)
+        T = self._basis.to(z.device, dt)
+        y = T.T @ (q * s) @ T
+        n, c, hb, wb = y.shape[:4]
+        y = y.transpose(3, 4).reshape(n, c, hb * 4, wb * 4)[:, :, : z.shape[2], : z.shape[3]]
+        return (y + self._offset.to(z.device, dt)).to(z.dtype)
+
+    def soft(self, z: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``self(z)`` with every rounding made smooth (:func:`soft_round`, :func:`soft_dead_zone`), for a
+        surrogate gradient of the quantizer (:data:`.refine.GRADIENT`)."""
+        X, s, dt = self._coefficients(z)
+        t = X / s
+        q = soft_dead_zone(t, self._rho, temperature)
+        dc = torch.zeros(4, 4, dtype=torch.bool, device=z.device)
+        dc[0, 0] = True
+        q = torch.where(dc, soft_round(t, temperature), q)  # the DC rounds to nearest
         T = self._basis.to(z.device, dt)
         y = T.T @ (q * s) @ T
         n, c, hb, wb = y.shape[:4]

@@ -6,7 +6,7 @@ the closest image, and it knows nothing of the quantizer that follows. The
 writer knows the quantizer's grid before it writes (quality -> steps; for the
 transform quantizer, :class:`TransformQuantizer`, the steps and offsets of its
 DCT coefficients), so
-refinement starts from the encoder's latents and takes Adam steps on the
+refinement starts from the encoder's latents and takes gradient steps on the
 pixel error of ``decoder(quantize(latents))`` (:func:`distortion`: the MSE
 at full and coarser scales), with the straight-through gradient through the
 rounding, plus a rate term (:data:`RATE`: the range coder's own bits of the
@@ -64,6 +64,8 @@ class Autoencoder(Protocol):
 LEARNING_RATE = 0.05
 #: ... and through the quantizer (straight-through). kodim23 256x256, 10 steps, quality 60: 0.02: 25.88 dB,
 #: 0.03: 26.10 dB, 0.04: 25.94 dB (unrefined 24.53 dB); at quality 40 0.04 spent 25% more bytes, 0.02 7%.
+#: With :data:`OPTIMIZER` "ngd" (the step's root mean square): 0.03 against 0.06 and 0.12 at 2 steps (gap to AVIF at
+#: quality 60 / 75: 0.54 / 0.57, 0.52 / 0.58, 0.58 / 0.67) and 0.06 at 2 + 3 + 5 (0.34 / 0.42 against 0.36 / 0.41).
 LEARNING_RATE_QUANTIZED = 0.03
 #: Latents of context kept around each refined tile (the decoder sees about +-15; the halo's own
 #: values are optimised too but thrown away). A multiple of 4, so tiles start on the 4x4 transform's blocks.
@@ -102,6 +104,11 @@ RATE_LAMBDA = 1.0
 #: it). Adam's first steps move every latent by about the learning rate whatever its gradient (a sign step),
 #: which is most of what the low levels run. Measured in docs/refine.md (benchmarks/refine.py --search).
 OPTIMIZER = "ngd"
+#: The gradient through the quantizer's rounding: "straight" (straight-through: the identity) or "soft" (the
+#: gradient of the twin's soft rounding, its temperature annealed over each stage from SOFT_TEMPERATURE to a
+#: tenth of it on a geometric scale; the forward pass stays the file's hard rounding). Measured in docs/refine.md.
+GRADIENT = "straight"
+SOFT_TEMPERATURE = 0.5
 #: Precision of the steps through the quantizer on the CPU: "auto" runs their forward and backward passes under a
 #: bfloat16 autocast where the CPU multiplies bf16 natively (:func:`.device.cpu_has_native_bf16`: AVX512-BF16 or
 #: AMX) and the model is float32, else float32; "bfloat16" always, "float32" never. In bf16 the steps only
@@ -133,9 +140,10 @@ def refine_latents(
     distortion + rate cost, not the lowest distortion alone.
 
     ``steps``: a number of steps, or the steps of each stage (:mod:`pillow_sdlatent.effort`): through a
-    quantizer, each stage restarts Adam from the best latents seen so far with the learning rate decaying from
-    :data:`LEARNING_RATE_QUANTIZED` to 0 on a cosine (:func:`learning_rate`); against the float decode the stages
-    are one run of their total steps at :data:`LEARNING_RATE`.
+    quantizer, each stage restarts the optimizer (:data:`OPTIMIZER`) from the best latents seen so far with the
+    learning rate decaying from :data:`LEARNING_RATE_QUANTIZED` to 0 on a cosine (:func:`learning_rate`), the
+    steps in :data:`STEP_PRECISION`; against the float decode the stages are one run of Adam for their total
+    steps at :data:`LEARNING_RATE`.
 
     ``height``/``width``: the image's size before padding to the model's multiple (the loss
     ignores the padding). Returns float32 latents on the latents' device; ``steps=0`` returns them
@@ -206,7 +214,7 @@ def stage_lengths(steps: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def learning_rate(i: int, n: int) -> float:
-    """Adam's learning rate at step ``i`` of a stage of ``n`` steps through the quantizer: a cosine decay from
+    """The learning rate at step ``i`` of a stage of ``n`` steps through the quantizer: a cosine decay from
     :data:`LEARNING_RATE_QUANTIZED` (its first step) towards 0 (``SCHEDULE`` "constant": the peak throughout)."""
     if SCHEDULE == "constant":
         return LEARNING_RATE_QUANTIZED
@@ -250,13 +258,13 @@ def _refine_tile(
 
     best, best_loss = (z, score(z)) if low else (z, math.inf)
     with torch.enable_grad():
-        for n in stages:  # each stage restarts from the best latents seen, with a fresh Adam
+        for n in stages:  # each stage restarts from the best latents seen, with a fresh optimizer
             z = best.clone().requires_grad_(True)
             opt = _optimizer(z, learning_rate(0, n))
             found, found_loss = best, best_loss if not low else math.inf  # the stage's best, on the steps' cost
             for i in range(n + 1):  # one more forward pass to score the stage's last step
                 opt.zero_grad(set_to_none=True)
-                zin = z + (quantizer(z) - z).detach()  # straight-through rounding
+                zin = _surrogate(quantizer, z, i, n)
                 with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
                     out = decode(zin)
                 loss = distortion(out.float(), goal) + cost(z)
@@ -278,6 +286,18 @@ def _refine_tile(
             if found_loss < best_loss:
                 best, best_loss = found, found_loss
     return best
+
+
+def _surrogate(quantizer: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    """``quantizer(z)`` in the forward pass, with the gradient :data:`GRADIENT` says at step ``i`` of ``n``."""
+    hard = quantizer(z)
+    soft_of = getattr(quantizer, "soft", None)
+    if GRADIENT == "straight" or soft_of is None:
+        return z + (hard - z).detach()
+    if GRADIENT != "soft":
+        raise ValueError(f"GRADIENT must be 'straight' or 'soft', got {GRADIENT!r}")
+    soft = soft_of(z, SOFT_TEMPERATURE * 0.1 ** (i / max(1, n - 1)))
+    return soft + (hard - soft).detach()
 
 
 class NormalizedGradient(torch.optim.Optimizer):
