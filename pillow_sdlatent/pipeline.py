@@ -310,7 +310,7 @@ def refined_within(
         guess, _ = ratecontrol.fit_budget(choose, build, int(budget / ratio))
     except ratecontrol.BudgetError:
         guess = found
-    if guess != found:
+    if choose(guess) != choose(found):
         second = refined(choose(guess))
         if ratecontrol.file_size(second) <= budget:
             fits.append((guess, second))

@@ -290,12 +290,12 @@ def _refine_tile(
 
 def _surrogate(quantizer: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, i: int, n: int) -> torch.Tensor:
     """``quantizer(z)`` in the forward pass, with the gradient :data:`GRADIENT` says at step ``i`` of ``n``."""
+    if GRADIENT not in ("straight", "soft"):
+        raise ValueError(f"GRADIENT must be 'straight' or 'soft', got {GRADIENT!r}")
     hard = quantizer(z)
     soft_of = getattr(quantizer, "soft", None)
     if GRADIENT == "straight" or soft_of is None:
         return z + (hard - z).detach()
-    if GRADIENT != "soft":
-        raise ValueError(f"GRADIENT must be 'straight' or 'soft', got {GRADIENT!r}")
     soft = soft_of(z, SOFT_TEMPERATURE * 0.1 ** (i / max(1, n - 1)))
     return soft + (hard - soft).detach()
 
