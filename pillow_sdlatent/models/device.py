@@ -54,7 +54,7 @@ def cpu_has_amx() -> bool:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 on Zen 4/5 and Cooper Lake on, or AMX), as
     torch's oneDNN sees it: there the refinement's steps run under a bf16 autocast
-    (:data:`.refine.STEP_PRECISION`; forward and backward 1.8x float32 on a Zen 4 core, docs/refine.md)."""
+    (:data:`.refine.STEP_PRECISION`; effort 3 ran 1.5-1.7x faster than in float32 on a Zen 4 core, docs/refine.md)."""
     if cpu_has_amx():
         return True
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
