@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="which of none, float, noise, quantizer to run (the rate variants always run)")  # fmt: skip
     ap.add_argument("--timing", action="store_true", help="only time a decode and refinement steps (TAESD 768x512, "
                     "SD VAE architecture with random weights at 256x256 and 512x512)")  # fmt: skip
+    ap.add_argument("--save-timing", nargs="*", type=int, metavar="EFFORT",
+                    help="only time Image.save of kodim01 (768x512, quality 60) at these efforts (default 0 1 2), "
+                    "the faster of two saves each, side by side in this one run")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--search", action="store_true", help="compare search variants (see the module's docstring)")
     ap.add_argument("--stages", nargs="+", type=int, default=[10], help="--search: refinement steps of each stage")
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.timing:
         return timing(args)
+    if args.save_timing is not None:
+        return save_timing(args.save_timing or [0, 1, 2], args.model)
     if args.search:
         return search(args)
 
@@ -464,6 +469,35 @@ def budget_files(model, rgb: np.ndarray, z: np.ndarray, bpp: float, stages: tupl
     refined = build(sr, zr)
     at_found = file_bytes(refined if ratecontrol.file_size(refined) <= budget else plain)
     return [("joint", t1 - t0, joint), ("at found", time.perf_counter() - t1, at_found)]
+
+
+def save_timing(efforts: list[int], model: str) -> int:
+    """Seconds of ``Image.save(kodim01, "SDL", quality=60, effort=E)`` (the model loaded and warmed first), the
+    faster of two saves per level, and seconds per megapixel; what docs/refine.md's levels table gives."""
+    import io
+
+    import pillow_sdlatent  # noqa: F401  (registers the plugin)
+
+    with Image.open(SHARED / "data" / "kodak" / "kodim01.png") as im:
+        rgb = im.convert("RGB")
+    mpx = rgb.width * rgb.height / 1e6
+
+    def save(effort: int) -> tuple[float, int]:
+        buf = io.BytesIO()
+        t0 = time.perf_counter()
+        rgb.save(buf, "SDL", quality=60, effort=effort, model=model)
+        return time.perf_counter() - t0, len(buf.getvalue())
+
+    save(0)  # loads the model and compiles what compiles once
+    print(f"{cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, kodim01 {rgb.size}")
+    print()
+    print("| effort | s per save | s per megapixel | bytes |")
+    print("|---|---|---|---|")
+    for e in efforts:
+        runs = [save(e) for _ in range(2)]
+        secs = min(r[0] for r in runs)
+        print(f"| {e} | {secs:.2f} | {secs / mpx:.1f} | {runs[0][1]} |", flush=True)
+    return 0
 
 
 def timing(args: argparse.Namespace) -> int:
