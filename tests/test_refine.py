@@ -320,3 +320,23 @@ def test_soft_rounding_is_continuous_and_cools_to_the_quantizer() -> None:
     z.requires_grad_(True)
     quantizer.soft(z, 0.1).sum().backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_normalized_gradient_step_moves_by_the_learning_rate_in_rms() -> None:
+    # OPTIMIZER = "ngd": each latent moves in proportion to its gradient, the step's rms is the learning rate
+    # whatever the loss's scale; a zero gradient moves nothing.
+    from pillow_sdlatent.models.refine import NormalizedGradient
+
+    for scale in (1e-6, 1.0, 1e6):
+        z = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+        opt = NormalizedGradient([z], 0.1)
+        (scale * z * torch.tensor([3.0, -4.0, 0.0, 1.0])).sum().backward()
+        before = z.detach().clone()
+        opt.step()
+        step = z.detach() - before
+        assert torch.allclose(step.square().mean().sqrt(), torch.tensor(0.1), rtol=1e-5)
+        assert torch.allclose(step / step.abs().max(), -torch.tensor([3.0, -4.0, 0.0, 1.0]) / 4, atol=1e-6)
+    z = torch.ones(3, requires_grad=True)
+    (z * 0).sum().backward()
+    NormalizedGradient([z], 0.1).step()
+    assert torch.equal(z.detach(), torch.ones(3))
