@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", nargs="+", default=list(CROPS), help="Kodak image names")
     ap.add_argument("--side", type=int, default=384, help="side of the centre crop")
     ap.add_argument("--bpp", nargs="+", type=float, default=[0.1, 0.2])
-    ap.add_argument("--effort", type=int, default=5, help="the searching .sdl panel's effort")
+    ap.add_argument("--effort", type=int, default=9, help="the searching .sdl panel's effort (9: the top)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = ap.parse_args(argv)
     import torch
