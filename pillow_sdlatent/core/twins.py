@@ -56,30 +56,31 @@ class TransformQuantizer:
         return X, (self._step * self._weight).to(z.device, dt), dt
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        X, s, dt = self._coefficients(z)
+        X, s, _ = self._coefficients(z)
         t = X / s
         q = torch.sign(t) * torch.floor(t.abs() + self._rho)
         q[..., 0, 0] = torch.round(t[..., 0, 0])  # the DC rounds to nearest (no gradient flows here)
-        T = self._basis.to(z.device, dt)
+        return self._reconstruct(q, s, z)
+
+    def _reconstruct(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Latents like ``z`` from quantized coefficients ``q`` (in steps ``s``): the inverse DCT, the crop of the
+        edge padding and the channel offsets, what a reader computes."""
+        T = self._basis.to(z.device, q.dtype)
         y = T.T @ (q * s) @ T
         n, c, hb, wb = y.shape[:4]
         y = y.transpose(3, 4).reshape(n, c, hb * 4, wb * 4)[:, :, : z.shape[2], : z.shape[3]]
-        return (y + self._offset.to(z.device, dt)).to(z.dtype)
+        return (y + self._offset.to(z.device, q.dtype)).to(z.dtype)
 
     def soft(self, z: torch.Tensor, temperature: float) -> torch.Tensor:
         """``self(z)`` with every rounding made smooth (:func:`soft_round`, :func:`soft_dead_zone`), for a
         surrogate gradient of the quantizer (:data:`.refine.GRADIENT`)."""
-        X, s, dt = self._coefficients(z)
+        X, s, _ = self._coefficients(z)
         t = X / s
         q = soft_dead_zone(t, self._rho, temperature)
         dc = torch.zeros(4, 4, dtype=torch.bool, device=z.device)
         dc[0, 0] = True
         q = torch.where(dc, soft_round(t, temperature), q)  # the DC rounds to nearest
-        T = self._basis.to(z.device, dt)
-        y = T.T @ (q * s) @ T
-        n, c, hb, wb = y.shape[:4]
-        y = y.transpose(3, 4).reshape(n, c, hb * 4, wb * 4)[:, :, : z.shape[2], : z.shape[3]]
-        return (y + self._offset.to(z.device, dt)).to(z.dtype)
+        return self._reconstruct(q, s, z)
 
     def rate(self, z: torch.Tensor) -> torch.Tensor:
         """Mean of ``step^2 * |coefficient / its step|`` over the AC coefficients (the DC is predicted from its
