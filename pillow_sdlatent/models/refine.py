@@ -257,6 +257,13 @@ def _refine_tile(
             return float(distortion(decode(quantizer(zz)), goal) + cost(zz))
 
     best, best_loss = (z, score(z)) if low else (z, math.inf)
+
+    def settle(found: torch.Tensor, found_loss: float) -> tuple[torch.Tensor, float]:
+        """The better of ``best`` and a stage's pick, on the cost that decides (float32 where the steps ran in bf16)."""
+        if low:
+            found_loss = score(found) if found is not best else best_loss
+        return (found, found_loss) if found_loss < best_loss else (best, best_loss)
+
     with torch.enable_grad():
         for n in stages:  # each stage restarts from the best latents seen, with a fresh optimizer
             z = best.clone().requires_grad_(True)
@@ -270,9 +277,7 @@ def _refine_tile(
                 loss = distortion(out.float(), goal) + cost(z)
                 if not bool(torch.isfinite(loss)):
                     _warn_nonfinite(model)
-                    if low:
-                        found_loss = score(found) if found is not best else best_loss
-                    return found if found_loss < best_loss else best
+                    return settle(found, found_loss)[0]
                 if float(loss.detach()) < found_loss:  # (step 0 is the restart point: ``best`` itself)
                     found, found_loss = best if i == 0 else z.detach().clone(), float(loss.detach())
                 if i == n:
@@ -281,10 +286,7 @@ def _refine_tile(
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(i, n)
                 opt.step()
-            if low:
-                found_loss = score(found) if found is not best else best_loss
-            if found_loss < best_loss:
-                best, best_loss = found, found_loss
+            best, best_loss = settle(found, found_loss)
     return best
 
 
