@@ -289,6 +289,13 @@ def encode_chunks(
     return chunks
 
 
+#: Searches a byte budget may run with ``effort``/``refine`` (:func:`refined_within`), each a refinement at one
+#: quality. The search changes the bytes by a ratio that drifts with the quality, so one re-measured ratio is not
+#: always enough: at the top effort two searches left 5-26% of a budget unspent (docs/pictures.md). Measured in
+#: docs/refine.md (benchmarks/refine.py --search --target-bpp).
+BUDGET_SEARCHES = 3
+
+
 def refined_within(
     budget: int,
     found: int,
@@ -296,25 +303,37 @@ def refined_within(
     choose: Callable[[int | None], QuantSettings],
     build: Callable[[QuantSettings], list[Chunk]],
     refined: Callable[[QuantSettings], list[Chunk]],
+    searches: int | None = None,
 ) -> list[Chunk]:
     """The file for a byte budget when the writer searches: quality and search chosen together.
 
     ``found`` is the highest quality whose unrefined file (``plain``) fits. The search changes the bytes (its
-    rate term mostly saves some), so the file refined at ``found`` is measured, and the quality that the
-    same ratio of refined to unrefined bytes would fit is refined too when it differs; the better-quality
-    one that fits is kept, else ``plain``. At most two searches run."""
-    first = refined(choose(found))
-    ratio = ratecontrol.file_size(first) / ratecontrol.file_size(plain)
-    fits = [(found, first)] if ratecontrol.file_size(first) <= budget else []
-    try:
-        guess, _ = ratecontrol.fit_budget(choose, build, int(budget / ratio))
-    except ratecontrol.BudgetError:
-        guess = found
-    if choose(guess) != choose(found):
-        second = refined(choose(guess))
-        if ratecontrol.file_size(second) <= budget:
-            fits.append((guess, second))
-    return max(fits, key=lambda qc: qc[0])[1] if fits else plain
+    rate term mostly saves some), so the file refined at ``found`` is measured, and the next search runs at the
+    quality that the ratio of refined to unrefined bytes just measured says would fit, kept strictly between the
+    highest quality whose refined file fits and the lowest whose refined file does not. It stops after
+    ``searches`` (:data:`BUDGET_SEARCHES`) searches, or when the next quality would repeat a setting. The refined
+    file of the highest quality that fits is kept, else ``plain``."""
+    searches = BUDGET_SEARCHES if searches is None else searches
+    fits, over = ratecontrol.MIN_QUALITY - 1, ratecontrol.MAX_QUALITY + 1  # refined files fit at fits, not at over
+    best, tried, quality = plain, set(), found
+    for _ in range(searches):
+        setting = choose(quality)
+        tried.add(setting)
+        chunks = refined(setting)
+        size = ratecontrol.file_size(chunks)
+        if size <= budget:
+            fits, best = quality, chunks
+        else:
+            over = quality
+        ratio = size / ratecontrol.file_size(build(setting))
+        try:
+            guess, _ = ratecontrol.fit_budget(choose, build, int(budget / ratio))
+        except ratecontrol.BudgetError:
+            guess = ratecontrol.MIN_QUALITY
+        quality = min(max(guess, fits + 1), over - 1)
+        if quality <= fits or choose(quality) in tried:
+            break
+    return best
 
 
 def encode_image(

@@ -153,8 +153,8 @@ def test_quality_and_budget_conflict(gradient: Image.Image) -> None:
 def test_budget_with_search_chooses_quality_and_search_together(shrink: float, expect: str) -> None:
     # The search (refinement) changes the bytes by a ratio: where it saves bytes, the budget buys a higher quality
     # than the unrefined files' bisection found; where it spends bytes, a lower one; where no refined file fits,
-    # the unrefined one is kept. The result always fits, and at most two searches run.
-    from pillow_sdlatent.pipeline import refined_within
+    # the unrefined one is kept. The result always fits, and no search repeats a setting.
+    from pillow_sdlatent.pipeline import BUDGET_SEARCHES, refined_within
 
     levels = {settings_for(q, method="scalar").levels for q in range(101)}
     sizes = {lv: 300 + 40 * lv for lv in levels}
@@ -168,7 +168,7 @@ def test_budget_with_search_chooses_quality_and_search_together(shrink: float, e
     budget = 3000
     found, plain = ratecontrol.fit_budget(settings, build, budget)
     out = refined_within(budget, found, plain, settings, build, refined)
-    assert ratecontrol.file_size(out) <= budget and len(searched) <= 2
+    assert ratecontrol.file_size(out) <= budget and len(searched) == len(set(searched)) <= BUDGET_SEARCHES
     if expect == "plain":
         assert out is plain
         return
@@ -177,3 +177,35 @@ def test_budget_with_search_chooses_quality_and_search_together(shrink: float, e
     assert ratecontrol.file_size(out) == int(sizes[best] * shrink)
     at_found = settings(found).levels
     assert {"higher": best > at_found, "same": best == at_found, "lower": best < at_found}[expect]
+
+
+@pytest.mark.parametrize("budget", [3000, 6000])
+def test_budget_with_search_follows_a_drifting_ratio(budget: int) -> None:
+    # The search saves fewer bytes at higher qualities (as at the top effort): the ratio measured at the first
+    # quality overshoots, the second search's file is over the budget, and a third search between the two spends
+    # the bytes the second left; the file still fits, and no search repeats a setting.
+    from pillow_sdlatent.pipeline import BUDGET_SEARCHES, refined_within
+
+    levels = {settings_for(q, method="scalar").levels for q in range(101)}
+    sizes = {lv: 300 + 40 * lv for lv in levels}
+    settings, build, _ = _synthetic(sizes)
+    top = max(levels)
+
+    def refined_size(lv: int) -> int:
+        return int(sizes[lv] * (0.6 + 0.3 * lv / top))
+
+    def run(searches: int) -> tuple[list[int], list[Chunk]]:
+        searched: list[int] = []
+
+        def refined(s: QuantSettings) -> list[Chunk]:
+            searched.append(s.levels)
+            return [Chunk(b"LDAT", b"r" * (refined_size(s.levels) - 8 - 12))]
+
+        found, plain = ratecontrol.fit_budget(settings, build, budget)
+        return searched, refined_within(budget, found, plain, settings, build, refined, searches)
+
+    two = ratecontrol.file_size(run(2)[1])
+    searched, out = run(BUDGET_SEARCHES)
+    assert BUDGET_SEARCHES == 3 and len(searched) == len(set(searched)) == 3
+    assert out[0].payload[:1] == b"r" and two < ratecontrol.file_size(out) <= budget
+    assert ratecontrol.file_size(out) > 0.9 * max(refined_size(lv) for lv in levels if refined_size(lv) <= budget)
