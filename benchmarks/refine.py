@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the faster of two saves each, side by side in this one run")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--search", action="store_true", help="compare search variants (see the module's docstring)")
+    ap.add_argument("--crops", nargs="+", metavar="kodimNN:X0,Y0,X1,Y1",
+                    help="--search: these Kodak crops instead of the issue's three")  # fmt: skip
     ap.add_argument("--stages", nargs="+", type=int, default=[10], help="--search: refinement steps of each stage")
     ap.add_argument("--target-bpp", nargs="+", type=float, help="--search: save at these budgets (bits per pixel, "
                     "target_bpp) instead of --quality, the joint choice of quality and search with 1, 2 and 3 searches "
@@ -352,6 +354,15 @@ def with_msssim(weight: float):
 SEARCH_CROPS = (("kodim03", (256, 128, 512, 384)), ("kodim15", (256, 128, 512, 384)), ("kodim23", (256, 128, 512, 384)))
 
 
+def _crops(specs: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """``kodimNN:X0,Y0,X1,Y1`` -> (name, box): --crops instead of the issue's three."""
+    out = []
+    for spec in specs:
+        name, _, box = spec.partition(":")
+        out.append((name, tuple(int(v) for v in box.split(","))))
+    return out
+
+
 def _patches(spec: str) -> tuple[str, dict[str, dict[str, object]]]:
     """``label:NAME=value,effort.NAME=value`` -> (label, {module: {NAME: value}}); values are Python literals
     or bare words (strings)."""
@@ -388,7 +399,7 @@ def search(args: argparse.Namespace) -> int:
     print(f"model {model.model_id}, stages {args.stages}, {cpu_name()}, {args.threads} thread(s), "
           f"torch {torch.__version__}")  # fmt: skip
     crops = []
-    for name, box in SEARCH_CROPS:
+    for name, box in _crops(args.crops) if args.crops else SEARCH_CROPS:
         with Image.open(SHARED / "data" / "kodak" / f"{name}.png") as im:
             rgb = np.asarray(im.convert("RGB").crop(box))
         crops.append((name, rgb, encode_latents(model, rgb, 0)))
