@@ -436,6 +436,7 @@ def process_image(path: Path) -> ImageResult:
         # the rate weight joins the key: refinement's loss changed with it (files of another weight differ)
         search = f"|rate{rf.RATE_WEIGHT:g}|pooled{rf.POOLED_LEVELS}|{rf.SCHEDULE}{rf.LEARNING_RATE_QUANTIZED:g}"
         search += f"|{rf.RATE}{rf.RATE_LAMBDA:g}" if rf.RATE != "proxy" else ""
+        search += f"|msssim{rf.PERCEPTUAL_WEIGHT:g}" if rf.PERCEPTUAL_WEIGHT else ""  # absent: the loss without it
         rtag = f"|refine{opts.refine}{search}" if opts.refine else ""
         rtag += f"|effort{opts.effort}{search}" if opts.effort and not opts.refine else ""
         coder = settings_for(q, "auto", model.latent_channels).coder  # the method "auto" stands for
@@ -1179,7 +1180,8 @@ def write_docs(path: Path, out: Path) -> None:
         "so 'ΔJOD vs float' can be positive there.",
         "- 'effort E' sections: the .sdl series is written as `Image.save(..., quality=q, effort=E)` writes it "
         "(docs/refine.md: refinement in the level's stages, a cosine learning rate each, the coder's own bits as "
-        "the rate term); the original method, AVIF and the float ceiling keep the encoder's latents.",
+        "the rate term, and since 2026-12-02 MS-SSIM in the distortion, `PERCEPTUAL_WEIGHT`); the original "
+        "method, AVIF and the float ceiling keep the encoder's latents.",
         "- Bisection assumes file size grows with quality; the chosen setting is always measured against the budget.",
         "- Coding efficiency: `transform_coder_stats` in benchmarks/rd_metrics.py re-runs the coder's probability "
         "model (pillow_sdlatent/core/transform_coder.py) on the decoded symbols.",

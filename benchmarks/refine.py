@@ -36,10 +36,9 @@ next to AVIF (Pillow, speed 6) at the highest quality not larger than the .sdl f
         "soft:GRADIENT=soft,SOFT_TEMPERATURE=0.5" "feedback:feedback.k=2"
     ../benchvenv/bin/python benchmarks/refine.py --search --threads 1 --target-bpp 0.1 0.15 0.2 --stages 2 3 5
 
-Besides the constants, ``rdo.lambda=K`` (coefficient RDO without the decoder, :func:`rdo_latents`),
-``feedback.k=K,feedback.alpha=A`` (encoder feedback instead of gradient steps, :func:`feedback_latents`) and
-``loss.msssim=W`` (the distortion plus W x (1 - MS-SSIM), :func:`with_msssim`) are variants this script
-implements, none shipped.
+Besides the constants, ``rdo.lambda=K`` (coefficient RDO without the decoder, :func:`rdo_latents`) and
+``feedback.k=K,feedback.alpha=A`` (encoder feedback instead of gradient steps, :func:`feedback_latents`) are
+variants this script implements, neither shipped.
 """
 
 from __future__ import annotations
@@ -317,40 +316,6 @@ def rdo_latents(latents: np.ndarray, params: tc.Params, lam: float | None = None
     return out
 
 
-def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """MS-SSIM of images (N, 3, H, W) in [0, 1] (Wang, Simoncelli and Bovik 2003: an 11-tap Gaussian window of
-    sigma 1.5, five scales with their published weights, fewer where the image is too small), differentiable."""
-    g = torch.exp(-((torch.arange(11, dtype=a.dtype, device=a.device) - 5) ** 2) / (2 * 1.5**2))
-    win = (g / g.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, 11): depthwise, rows then columns
-    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.conv2d(x, win, groups=3)
-        return torch.nn.functional.conv2d(x, win.transpose(2, 3), groups=3)
-
-    c1, c2 = 0.01**2, 0.03**2
-    levels = [w for i, w in enumerate(weights) if min(a.shape[-2:]) >> i >= 11]
-    out = a.new_ones(())
-    for i, w in enumerate(levels):
-        mu_a, mu_b = blur(a), blur(b)
-        var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-        cov = blur(a * b) - mu_a * mu_b
-        cs = ((2 * cov + c2) / (var_a + var_b + c2)).mean()
-        if i == len(levels) - 1:
-            lum = ((2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)).mean()
-            return out * (lum * cs).clamp_min(1e-6) ** (w / sum(levels))
-        out = out * cs.clamp_min(1e-6) ** (w / sum(levels))
-        a, b = torch.nn.functional.avg_pool2d(a, 2), torch.nn.functional.avg_pool2d(b, 2)
-    return out
-
-
-def with_msssim(weight: float):
-    """The shipped distortion plus ``weight`` x (1 - MS-SSIM): variant ``loss.msssim=W`` (not shipped)."""
-    from pillow_sdlatent.models.refine import distortion
-
-    return lambda out, goal: distortion(out, goal) + weight * (1 - ms_ssim(out, goal))
-
-
 SEARCH_CROPS = (("kodim03", (256, 128, 512, 384)), ("kodim15", (256, 128, 512, 384)), ("kodim23", (256, 128, 512, 384)))
 
 
@@ -369,7 +334,7 @@ def _patches(spec: str) -> tuple[str, dict[str, dict[str, object]]]:
     import ast
 
     label, _, rest = spec.partition(":")
-    out: dict[str, dict[str, object]] = {"refine": {}, "effort": {}, "rdo": {}, "feedback": {}, "loss": {}}
+    out: dict[str, dict[str, object]] = {"refine": {}, "effort": {}, "rdo": {}, "feedback": {}}
     for item in filter(None, rest.split(",")):
         name, _, text = item.partition("=")
         module, _, name = name.rpartition(".")
@@ -428,9 +393,6 @@ def search(args: argparse.Namespace) -> int:
             for module, values in ((refine_module, patch_sets["refine"]), (effort_module, patch_sets["effort"])):
                 if values:
                     stack.enter_context(patch.multiple(module, **values))
-            if "msssim" in patch_sets["loss"]:
-                w = float(patch_sets["loss"]["msssim"])  # type: ignore[arg-type]
-                stack.enter_context(patch.object(refine_module, "distortion", with_msssim(w)))
             rdo = float(patch_sets["rdo"].get("lambda", 0))
             for name, rgb, z in crops:
                 if args.target_bpp:

@@ -275,10 +275,12 @@ def test_rate_term_spends_fewer_bits(taesd_dir: Path, kodak_dir: Path, monkeypat
 
 
 def test_distortion_weighs_area_errors_above_pixel_noise(monkeypatch: pytest.MonkeyPatch) -> None:
-    # An error the eye sees from a normal distance (a colour cast over an area) must cost more than
-    # pixel noise of the same MSE; with no pooled levels the distortion is the plain MSE.
+    # The pooled MSE: an error the eye sees from a normal distance (a colour cast over an area) must cost more
+    # than pixel noise of the same MSE; with no pooled levels the distortion is the plain MSE. (The perceptual
+    # term is off here: on a flat image MS-SSIM rightly counts noise as lost structure; test_ms_ssim_values.)
     from pillow_sdlatent.models import refine
 
+    monkeypatch.setattr(refine, "PERCEPTUAL_WEIGHT", 0)
     goal = torch.full((1, 3, 64, 64), 0.5)
     cast = goal + 0.05
     noise = goal + 0.05 * torch.where(torch.rand(goal.shape, generator=torch.Generator().manual_seed(0)) < 0.5, -1, 1)
@@ -291,11 +293,36 @@ def test_distortion_weighs_area_errors_above_pixel_noise(monkeypatch: pytest.Mon
 
 
 def test_distortion_of_images_smaller_than_the_pooling() -> None:
-    # tiles at the image border can be a few pixels wide: pooling stops at a side of 1
+    # tiles at the image border can be a few pixels wide: pooling stops at a side of 1, and MS-SSIM, whose
+    # window is 11 pixels, adds nothing
     from pillow_sdlatent.models.refine import distortion
 
     goal = torch.zeros((1, 3, 3, 40))
     assert float(distortion(goal + 0.1, goal)) == pytest.approx(2 * 0.1**2)  # full scale + one 2x2 level
+
+
+def test_ms_ssim_values() -> None:
+    # The perceptual term of the distortion (1 - MS-SSIM): 1 for identical images, lower for a blur than for
+    # noise of the same MSE (what the pooled MSE cannot tell apart), differentiable, and the published
+    # definition: the values pytorch_msssim gives these pairs (0.994565 and 0.997399 there; it averages the
+    # coarsest scale's luminance x contrast map where this multiplies their means).
+    from pillow_sdlatent.models.msssim import ms_ssim
+    from pillow_sdlatent.models.refine import PERCEPTUAL_WEIGHT, distortion
+
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 256)
+    a = torch.stack([ramp[None, :].expand(256, 256), ramp[:, None].expand(256, 256), (ramp[None, :] * ramp[:, None])])
+    a = (0.25 + 0.5 * a + 0.2 * torch.sin(torch.arange(256) / 3.0)[None, :])[None].clamp(0, 1)
+    assert float(ms_ssim(a, a)) == pytest.approx(1.0)
+    blur = torch.nn.functional.avg_pool2d(a, 5, 1, 2, count_include_pad=False)
+    noise = a + torch.randn(a.shape, generator=g) * (blur - a).square().mean().sqrt()
+    assert torch.isclose((blur - a).square().mean(), (noise - a).square().mean(), rtol=0.05)
+    assert float(ms_ssim(blur, a)) == pytest.approx(0.994565, abs=2e-6)
+    assert float(ms_ssim(noise, a)) == pytest.approx(0.997399, abs=2e-6)
+    assert PERCEPTUAL_WEIGHT > 0 and float(distortion(blur, a)) > float(distortion(noise, a))
+    b = noise.clone().requires_grad_(True)
+    (1 - ms_ssim(b, a)).backward()
+    assert b.grad is not None and bool(torch.isfinite(b.grad).all()) and float(b.grad.abs().sum()) > 0
 
 
 def test_soft_rounding_is_continuous_and_cools_to_the_quantizer() -> None:

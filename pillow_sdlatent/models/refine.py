@@ -44,6 +44,8 @@ from typing import Protocol
 
 import torch
 
+from .msssim import ms_ssim
+
 
 class Autoencoder(Protocol):
     """What refinement needs of a :class:`.base.Autoencoder` (a protocol, so that base can import this module)."""
@@ -86,6 +88,12 @@ RATE_WEIGHT = 0.04
 #: (0.02), bpp / JOD: TAESD quality 60 0.136 / 7.48 -> 0.139 / 7.59, 75 0.209 / 8.17 -> 0.210 / 8.24, 40
 #: 0.055 / 5.63 -> 0.058 / 5.68; TAESDXL 75 0.214 / 7.72 -> 0.215 / 7.80.
 POOLED_LEVELS = 4
+#: Weight of the perceptual term in the distortion: (1 - MS-SSIM) of the decode (:func:`.msssim.ms_ssim`) added to
+#: the pooled MSE (0: none). Measured (benchmarks/refine.py --search, TAESD, effort 3's stages; JOD gap to AVIF at
+#: <= bytes, quality 60 / 75, the issue's three crops): 0: 0.34 / 0.42, 0.01: 0.29 / 0.39, 0.03: 0.25 / 0.36, 0.1:
+#: 0.31 / 0.37 (more bytes); on six other crops 0.03 raised JOD on all twelve points, by 0.047 / 0.033 for 0.6% /
+#: 0.1% more bytes; at 2 steps 0.55 / 0.56 -> 0.55 / 0.54 (docs/refine.md).
+PERCEPTUAL_WEIGHT = 0.03
 #: Learning rate over a stage through the quantizer (:func:`learning_rate`): "cosine" or "constant" (the search
 #: before the effort levels). Measured (benchmarks/refine.py --search, the issue's three 256x256 crops, TAESD, 10
 #: steps, JOD gap to AVIF at <= bytes at quality 60 / 75): constant 0.51 / 0.51, cosine 0.46 / 0.50; a cosine from
@@ -175,13 +183,17 @@ def refine_latents(
 
 def distortion(out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     """The refinement's distortion of ``out`` against ``goal`` (N, 3, H, W): the mean squared error of the
-    pixels plus that of the images averaged over 2x2, 4x4, .. blocks, :data:`POOLED_LEVELS` of them.
+    pixels plus that of the images averaged over 2x2, 4x4, .. blocks, :data:`POOLED_LEVELS` of them, plus
+    :data:`PERCEPTUAL_WEIGHT` x (1 - MS-SSIM).
 
     Each coarser level counts the error again at a lower frequency, so errors the eye sees from a normal
     viewing distance (colour and brightness over areas, not single-pixel noise) weigh more than in the MSE
-    alone; see :data:`POOLED_LEVELS` for what it buys."""
+    alone; see :data:`POOLED_LEVELS` for what it buys. MS-SSIM adds what squared errors miss: lost local
+    contrast and structure (a blur costs more than noise of the same MSE)."""
     diff = out - goal
     loss = diff.square().mean()
+    if PERCEPTUAL_WEIGHT:
+        loss = loss + PERCEPTUAL_WEIGHT * (1 - ms_ssim(out, goal))
     for _ in range(POOLED_LEVELS):
         if min(diff.shape[-2:]) < 2:
             break
