@@ -13,7 +13,9 @@ quality that fits (bisection). A codec that cannot fit is a "does not fit" row, 
 Outputs under --out (default bench-out/): cache.jsonl (encode sizes and metrics; an interrupted run
 resumes, and the model-independent codec results are shared between models), and per model a folder
 with per_image.csv, coding.csv, summary.md (also printed), results.json and rd_<model>.png.
-``--docs PATH`` writes the report of every model found under --out (docs/benchmarks.md).
+``--docs PATH`` writes the report of every model found under --out (docs/benchmarks.md). The
+results.json (and summary.md) of the runs that docs/ quotes are committed under benchmarks/results/<section>/,
+so ``--docs-only --out benchmarks/results --docs PATH`` re-makes their reports and plots without a run.
 
 JOD (ColorVideoVDP) needs pycvvdp, which needs torchvision: where it does not import, the JOD columns
 read "n/a (reason)" and everything else still runs; docs/benchmarks.md describes the venv that has it.
@@ -1151,6 +1153,10 @@ def write_docs(path: Path, out: Path) -> None:
         src = out / slug(r["model"]) / name
         if src.exists():
             shutil.copyfile(src, img_dir / name)
+            drawn = True
+        else:  # a folder of results.json alone (benchmarks/results/, committed): draw the plot from it
+            drawn = plot(r, img_dir / name) is None
+        if drawn:
             lines += [f"![{r['model']}: bpp vs PSNR and JOD on {describe_run(r)}](img/{name})", ""]
         summary = summarize(r)
         (out / slug(r["model"]) / "summary.md").write_text(summary + "\n")  # current code's view of the results

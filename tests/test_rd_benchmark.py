@@ -85,6 +85,19 @@ def test_quick_run_on_crops(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) ->
     if (folder / "rd_taesd.png").exists():  # matplotlib installed
         assert (docs.parent / "img" / "rd_taesd.png").stat().st_size < 150_000
 
+    # a folder of results.json alone, as benchmarks/results/ commits them, re-makes the same report and its plot
+    kept = tmp_path / "kept"
+    (kept / "taesd").mkdir(parents=True)
+    (kept / "taesd" / "results.json").write_bytes((folder / "results.json").read_bytes())
+    docs2 = tmp_path / "docs2" / "benchmarks.md"
+    cmd = [sys.executable, str(BENCH / "rd.py"), "--docs-only", "--docs", str(docs2), "--out", str(kept)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert docs2.read_text() == text
+    assert (kept / "taesd" / "summary.md").read_text() == summary
+    if (folder / "rd_taesd.png").exists():
+        assert 0 < (docs2.parent / "img" / "rd_taesd.png").stat().st_size < 150_000
+
 
 def test_refine_series_never_below_plain(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) -> None:
     out = tmp_path / "out"
