@@ -13,7 +13,9 @@ PSNR of its decode, for
   |coefficient/its step|`` over the AC coefficients): what ``refine=N`` does (``--method`` picks the save method);
 - ``rate K``: the same with the rate weight set to K (``rate 0``: no rate term, as before it);
 - ``pooled L, rate K`` (with ``--pooled-levels``): also with ``POOLED_LEVELS`` set to L, the coarser scales in
-  the distortion (``pooled 0``: the pixel MSE alone, as before them).
+  the distortion (``pooled 0``: the pixel MSE alone, as before them);
+- ``float msssim W`` (with ``--perceptual-weights``): ``float`` with ``PERCEPTUAL_WEIGHT`` set to W (``float
+  msssim 0``: the pooled MSE alone, as before the MS-SSIM term).
 
 Prints a markdown table per image and the means (bpp of the file, PSNR and, with ``--jod`` where pycvvdp
 imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
@@ -22,6 +24,8 @@ imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --quality 45 60 75 --rate-weights 0 0.01 0.035 0.05 --jod
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none --pooled-levels 0 4 \
         --rate-weights 0.02 0.04 --jod
+    ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none float --rate-weights \
+        --perceptual-weights 0 0.03 --jod
     python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
 
 ``--search`` compares versions of the search itself on the issue's three 256x256 crops (kodim03, kodim15,
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-weights", nargs="*", type=float, default=[0.0], help="K of the rate variants")
     ap.add_argument("--pooled-levels", nargs="*", type=int, default=[],
                     help="each rate variant once per POOLED_LEVELS value L (default: the shipped one)")  # fmt: skip
+    ap.add_argument("--perceptual-weights", nargs="*", type=float, default=[],
+                    help="a 'float msssim W' variant per PERCEPTUAL_WEIGHT value W")  # fmt: skip
     ap.add_argument("--jod", action="store_true", help="also ColorVideoVDP JOD (needs pycvvdp: docs/benchmarks.md)")
     ap.add_argument("--variants", nargs="+",
                     help="which of none, float, noise, quantizer to run (default: all four; the rate variants always "
@@ -172,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         for lev in (args.pooled_levels or [None])
         for k in args.rate_weights
     ]
-    variants = [*args.variants, *(label for label, _, _ in rated)]
+    weighted = [(f"float msssim {w:g}", w) for w in args.perceptual_weights]
+    variants = [*args.variants, *(label for label, _, _ in rated), *(label for label, _ in weighted)]
     unit = "bpp / dB / JOD" if metrics else "bpp / dB"
     print(f"| image | quality | {' | '.join(f'{v}: {unit}' for v in variants)} | s (quantizer) |")
     print("|---|---|" + "---|" * (len(variants) + 1))
@@ -186,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         x = to_tensor(rgb, model.downscale)
         z = encode_latents(model, rgb, 0)
         zf = encode_latents(model, rgb, args.steps) if "float" in variants else z  # quality-independent
+        zw = {}
+        for label, w in weighted:
+            with patch.multiple(refine_module, PERCEPTUAL_WEIGHT=w):
+                zw[label] = encode_latents(model, rgb, args.steps)
         if "noise" in variants:
             w4 = torch.tensor(transform_coder.channel_multipliers(z.shape[0])).view(1, -1, 1, 1)
             noise = transform_coder.quality_to_step(60) * w4
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             zq, sq = latents_for_file(model, rgb, z, s, args.steps) if "quantizer" in variants else (z, s)
             secs = time.perf_counter() - t0
-            cands = {"none": (z, s), "float": (zf, s), "quantizer": (zq, sq)}
+            cands = {"none": (z, s), "float": (zf, s), "quantizer": (zq, sq), **{k: (v, s) for k, v in zw.items()}}
             if "noise" in variants:
                 cands["noise"] = (zn, s)
             for label, lev, k in rated:  # what refine=N writes, with the rate weight (and pooled levels) set
