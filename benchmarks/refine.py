@@ -24,7 +24,7 @@ imports, ColorVideoVDP JOD as benchmarks/rd.py measures it).
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --quality 45 60 75 --rate-weights 0 0.01 0.035 0.05 --jod
     ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none --pooled-levels 0 4 \
         --rate-weights 0.02 0.04 --jod
-    ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none float --rate-weights \
+    ../benchvenv/bin/python benchmarks/refine.py --crop 256 --variants none --rate-weights \
         --perceptual-weights 0 0.03 --jod
     python benchmarks/refine.py --timing      # seconds per refinement step next to a decode
 
