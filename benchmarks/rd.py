@@ -99,7 +99,6 @@ ROW_FIELDS = (
     "bpp",
     *METRICS,
     "psnr_vs_float",
-    "encode_s",  # .sdl rows: seconds of the save's encode path (the search included), not of the metrics
 )
 CODING_FIELDS = (
     "model",
@@ -417,7 +416,7 @@ def process_image(path: Path) -> ImageResult:
             budget_bytes=budget if budget is not None else "",
         )
         if ent is not None:
-            row.update({k: ent.get(k) for k in (*METRICS, "psnr_vs_float", "encode_s")}, bytes=ent["bytes"])
+            row.update({k: ent.get(k) for k in (*METRICS, "psnr_vs_float")}, bytes=ent["bytes"])
             row["bpp"] = ent["bytes"] * 8 / (w * h) if ent["bytes"] else ""
         rows.append(row)
 
@@ -425,16 +424,14 @@ def process_image(path: Path) -> ImageResult:
 
     def sdl(q: int) -> tuple[int, np.ndarray, dict[str, Any]]:
         # as Image.save(..., quality=q, refine=N) writes it: refined through the quantizer of this quality
-        t = time.perf_counter()
         data, chunks = sdl_file(img.z, ref, quality=q, refine=opts.refine or None, effort=opts.effort)
-        secs = time.perf_counter() - t
         lf = decode_bytes(data)
         out = decode_rgb(lf, model)
         ldat = next(c.payload for c in chunks if c.type == b"LDAT")
         stats = rm.transform_coder_stats(lf.symbols, lf.header.levels, lf.weights, ldat)
         ctx, ctx_kt = rm.context_bits(lf.symbols, lf.header.levels)
         stats.update(file_bits=8.0 * len(data), h0_bits=rm.order0_bits(lf.symbols), ctx_bits=ctx, ctx_kt_bits=ctx_kt)
-        return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats, "encode_s": secs}
+        return len(data), out, {"psnr_vs_float": rm.psnr(img.float_rgb, out), "coding": stats}
 
     budgets: dict[int, int] = {}
     for q in opts.qualities:
@@ -654,7 +651,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over the rows that hold a result; ``fits``/``n`` count them."""
     ok = [r for r in rows if r["status"] == "ok"]
     agg: dict[str, Any] = {"n": len(rows), "fits": len(ok), "status": rows[0]["status"] if rows else ""}
-    for key in ("bpp", *METRICS, "psnr_vs_float", "encode_s"):
+    for key in ("bpp", *METRICS, "psnr_vs_float"):
         agg[key] = _mean(ok, key) if ok else None
     return agg
 
@@ -773,15 +770,6 @@ def summarize(res: dict[str, Any]) -> str:
                 out.append(f"| quality {q} | {name} | {'n/a' if na else f'0/{n}'} | {why} | - | - | - | - |")
             else:
                 out.append(f"| quality {q} | {name} | {a['fits']}/{n} | {cells(a)} |")
-    secs = [g[("sdl", f"q{q}", "sdl")]["encode_s"] for q in res["qualities"]]
-    if all(v is not None for v in secs):  # entries cached before the field existed have none
-        out += [
-            "",
-            f"Seconds per .sdl save of {lab} (latents to file bytes: the quantizer, the search where there is one, "
-            f"the coder; not the encoder or any metric), mean over the images, at quality "
-            + ", ".join(f"{q}: {v:.2f}" for q, v in zip(res["qualities"], secs, strict=True))
-            + ".",
-        ]
     if res["channels"] == 4:
         out += [
             "",

@@ -45,9 +45,8 @@ def test_quick_run_on_crops(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) ->
     sdl = [r for r in rows if r["kind"] == "sdl"]
     assert len(sdl) == 3 * 2 and {r["param"] for r in sdl} == {"50", "75"}
     for r in sdl:
-        assert float(r["bpp"]) > 0 and math.isfinite(float(r["psnr"])) and float(r["encode_s"]) > 0
+        assert float(r["bpp"]) > 0 and math.isfinite(float(r["psnr"]))
         assert 0 < float(r["ssim"]) <= 1 if _importable("pytorch_msssim") else r["ssim"] == "n/a"
-    assert "Seconds per .sdl save of TAESD" in summary
     matched = [r for r in rows if r["kind"] == "matched"]
     # every (image, setting) has one row per codec: a result that fits, or an explicit reason
     # ("original-trimmed" is there while the original method's palette chunk is padded, see rd.PLTE_NOTE)
