@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -88,21 +89,45 @@ def panels(name: str, side: int, bpp: float, effort: int, model) -> list[tuple[s
     return out
 
 
-def strip(items: list[tuple[str, np.ndarray, int]], ref: np.ndarray, metrics: rm.Metrics, title: str) -> Image.Image:
+def panel_stats(items: list[tuple[str, np.ndarray, int]], ref: np.ndarray, metrics: rm.Metrics) -> list[dict]:
+    """Bytes, bpp, PSNR and JOD of each panel that has a file (the original and refusals have none)."""
+    rows = []
+    for label, rgb, nbytes in items:
+        row: dict = {"panel": label, "bytes": nbytes}
+        if nbytes:
+            jod = metrics.jod(ref, rgb)
+            row |= {"bpp": 8 * nbytes / ref.shape[0] / ref.shape[1], "psnr": rm.psnr(ref, rgb), "jod": jod}
+        rows.append(row)
+    return rows
+
+
+def strip(items: list[tuple[str, np.ndarray, int]], stats: list[dict], ref: np.ndarray, title: str) -> Image.Image:
     side = ref.shape[1]
     canvas = Image.new("RGB", (len(items) * side, 18 + ref.shape[0] + LABEL_H), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), title, fill="black")
-    for i, (label, rgb, nbytes) in enumerate(items):
+    for i, ((label, rgb, nbytes), row) in enumerate(zip(items, stats)):
         canvas.paste(Image.fromarray(rgb), (i * side, 18))
         if nbytes:
-            jod = metrics.jod(ref, rgb)
-            stats = f"{nbytes} B, {8 * nbytes / ref.shape[0] / ref.shape[1]:.3f} bpp\n{rm.psnr(ref, rgb):.2f} dB"
-            stats += f", JOD {jod:.2f}" if jod is not None else ""
+            text = f"{nbytes} B, {row['bpp']:.3f} bpp\n{row['psnr']:.2f} dB"
+            text += f", JOD {row['jod']:.2f}" if row["jod"] is not None else ""
         else:
-            stats = "" if label == "original" else "-"
-        draw.text((i * side + 4, 20 + ref.shape[0]), f"{label}\n{stats}", fill="black")
+            text = "" if label == "original" else "-"
+        draw.text((i * side + 4, 20 + ref.shape[0]), f"{label}\n{text}", fill="black")
     return canvas
+
+
+def summary(strips: list[dict]) -> str:
+    """The Markdown table docs/pictures.md quotes: every panel with a file, per strip."""
+    lines = ["| crop | rate | panel | bytes | bpp | PSNR dB | JOD |", "|---|---|---|---|---|---|---|"]
+    for s in strips:
+        for row in s["panels"]:
+            if row["bytes"]:
+                jod = "-" if row["jod"] is None else f"{row['jod']:.2f}"
+                panel = row["panel"].replace("\n", " ")
+                lines.append(f"| {s['crop']} | {s['bpp']} | {panel} | {row['bytes']} | {row['bpp']:.3f} "
+                             f"| {row['psnr']:.2f} | {jod} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpp", nargs="+", type=float, default=[0.1, 0.2])
     ap.add_argument("--effort", type=int, default=9, help="the searching .sdl panel's effort (9: the top)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "pictures",
+                    help="folder for results.json and summary.md (every panel's bytes, PSNR and JOD)")  # fmt: skip
     args = ap.parse_args(argv)
     import torch
 
@@ -121,19 +148,43 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(str(rd.SHARED / "models" / "taesd"), "cpu")
     metrics = rm.Metrics()
     args.out.mkdir(parents=True, exist_ok=True)
+    strips: list[dict] = []
     for name in args.crops:
         ref = np.asarray(crop_of(name, args.side))
         for bpp in args.bpp:
+            t = time.perf_counter()
             items = panels(name, args.side, bpp, args.effort, model)
+            stats = panel_stats(items, ref, metrics)
             box = crop_box(name, args.side)
             title = (f"{name} {box}, about {bpp} bpp, TAESD; "
                      "AVIF / JPEG XL / JPEG at no more bytes than the default .sdl file")  # fmt: skip
             path = args.out / f"pictures-{name}-{round(bpp * 100):03d}.png"
             buf = io.BytesIO()
-            strip(items, ref, metrics, title).save(buf, "PNG", optimize=True)
+            strip(items, stats, ref, title).save(buf, "PNG", optimize=True)
             path.write_bytes(buf.getvalue())
             print(f"wrote {path} ({len(buf.getvalue())} bytes)", flush=True)
+            strips.append({"crop": name, "box": list(box), "bpp": bpp, "effort": args.effort, "panels": stats,
+                           "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
+    strips = save_results(args.results, strips)
+    print(summary(strips), flush=True)
     return 0
+
+
+def save_results(folder: Path, strips: list[dict]) -> list[dict]:
+    """Merge this run's strips into ``folder``'s results.json (a strip re-made replaces its old row, so
+    the crops can run as separate processes) and rewrite summary.md; returns every strip kept."""
+    env = rd.environment()
+    for s in strips:
+        s["environment"] = env
+    path = folder / "results.json"
+    old = json.loads(path.read_text())["strips"] if path.exists() else []
+    made = {(s["crop"], s["bpp"]) for s in strips}
+    kept = [s for s in old if (s["crop"], s["bpp"]) not in made] + strips
+    kept.sort(key=lambda s: (CROPS.index(s["crop"]) if s["crop"] in CROPS else len(CROPS), s["crop"], s["bpp"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"strips": kept}, indent=1) + "\n")
+    (folder / "summary.md").write_text(summary(kept))
+    return kept
 
 
 if __name__ == "__main__":
