@@ -106,7 +106,7 @@ def strip(items: list[tuple[str, np.ndarray, int]], stats: list[dict], ref: np.n
     canvas = Image.new("RGB", (len(items) * side, 18 + ref.shape[0] + LABEL_H), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), title, fill="black")
-    for i, ((label, rgb, nbytes), row) in enumerate(zip(items, stats)):
+    for i, ((label, rgb, nbytes), row) in enumerate(zip(items, stats, strict=True)):
         canvas.paste(Image.fromarray(rgb), (i * side, 18))
         if nbytes:
             text = f"{nbytes} B, {row['bpp']:.3f} bpp\n{row['psnr']:.2f} dB"
