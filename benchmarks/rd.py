@@ -1053,6 +1053,31 @@ def headline(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def between_runs(found: list[dict[str, Any]]) -> list[str]:
+    """BD-rate of each effort / refine section's .sdl curve against the plain section of the same model on
+    the same images: what the search buys at equal quality, from the kept results alone."""
+    out = []
+    for base in found:
+        if base["model"] != model_label(base["model_id"]):
+            continue  # not a plain (effort 0, no refine) section
+        b = curves(base).get(".sdl")
+        for r in found:
+            same = r["model_id"] == base["model_id"] and r["images"] == base["images"] and r["crop"] == base["crop"]
+            t = curves(r).get(".sdl")
+            if r is base or not same or b is None or t is None:
+                continue
+            cells = []
+            for m in ("jod", "psnr"):
+                if any(v is None for v in (*b[1][m], *t[1][m])):
+                    cells.append(f"{m.upper()} n/a ({m} not measured)")
+                else:
+                    res = rm.bd_rate((b[0], b[1][m]), (t[0], t[1][m]))  # type: ignore[arg-type]
+                    cells.append(f"{m.upper()} {res.text(' dB' if m == 'psnr' else '')}")
+            out.append(f"- {r['model']} against {base['model']} (the same {len(r['images'])} images), BD-rate of "
+                       f"the .sdl curves: " + "; ".join(cells) + ".")  # fmt: skip
+    return out
+
+
 def write_docs(path: Path, out: Path) -> None:
     found = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
     rank = {"TAESD": 0, "TAESDXL": 1, "TAEF2": 2}
@@ -1149,6 +1174,7 @@ def write_docs(path: Path, out: Path) -> None:
     lines += ["## At a glance", ""]
     for r in found:
         lines += headline(r)
+    lines += between_runs(found)
     lines += ["", "## Reference numbers", "", REFERENCES, "## Results", ""]
     for r in found:
         name = f"rd_{slug(r['model'])}.png"
