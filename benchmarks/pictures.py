@@ -75,6 +75,13 @@ def panels(name: str, side: int, bpp: float, effort: int, model) -> list[tuple[s
     searched, searched_rgb = sdl(target_bpp=bpp, effort=effort)
     out.append((f".sdl, effort {effort}", searched_rgb, len(searched)))
     print(f"{name} {bpp} bpp: .sdl {budget} / {len(searched)} bytes, {time.perf_counter() - t:.0f} s", flush=True)
+    out += codec_panels(ref, budget)
+    return out
+
+
+def codec_panels(ref: np.ndarray, budget: int) -> list[tuple[str, np.ndarray, int]]:
+    """AVIF, JPEG XL and JPEG, each at the highest quality whose file is not larger than ``budget`` bytes."""
+    out: list[tuple[str, np.ndarray, int]] = []
     for codec in ("AVIF", "JPEG XL", "JPEG"):
         if (why := rd.codec_available(codec)) is not None:  # (also registers JPEG XL with Pillow)
             out.append((f"{codec}: {why}", np.full_like(ref, 128), 0))
@@ -139,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "pictures",
                     help="folder for results.json and summary.md (every panel's bytes, PSNR and JOD)")  # fmt: skip
+    ap.add_argument("--fit", type=int, metavar="BYTES",
+                    help="only the reference codecs at no more than BYTES on each crop: a table, no strip (e.g. "
+                    "at the searched .sdl file's size, above the default file, which sizes them)")  # fmt: skip
     args = ap.parse_args(argv)
     import torch
 
@@ -147,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model = load_model(str(rd.SHARED / "models" / "taesd"), "cpu")
     metrics = rm.Metrics()
+    if args.fit is not None:
+        fitted = []
+        for name in args.crops:
+            ref = np.asarray(crop_of(name, args.side))
+            stats = panel_stats(codec_panels(ref, args.fit), ref, metrics)
+            fitted.append({"crop": name, "bpp": f"<= {args.fit} B", "panels": stats})
+        print(summary(fitted), flush=True)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     strips: list[dict] = []
     for name in args.crops:
@@ -163,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             strip(items, stats, ref, title).save(buf, "PNG", optimize=True)
             path.write_bytes(buf.getvalue())
             print(f"wrote {path} ({len(buf.getvalue())} bytes)", flush=True)
-            strips.append({"crop": name, "box": list(box), "bpp": bpp, "effort": args.effort, "panels": stats,
-                           "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
-    strips = save_results(args.results, strips)
+            made = {"crop": name, "box": list(box), "bpp": bpp, "effort": args.effort, "panels": stats,
+                    "seconds": round(time.perf_counter() - t, 1)}  # fmt: skip
+            strips = save_results(args.results, [made])  # after each strip: a stopped run keeps what it made
     print(summary(strips), flush=True)
     return 0
 
