@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     from pillow_sdlatent.models import load_model
 
     torch.set_num_threads(1)
-    model = load_model(str(rd.SHARED / "models" / "taesd"), "cpu")
     metrics = rm.Metrics()
     if args.fit is not None:
         fitted = []
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             fitted.append({"crop": name, "bpp": f"<= {args.fit} B", "panels": stats})
         print(summary(fitted), flush=True)
         return 0
+    model = load_model(str(rd.SHARED / "models" / "taesd"), "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     strips: list[dict] = []
     for name in args.crops:

@@ -1063,8 +1063,8 @@ def between_runs(found: list[dict[str, Any]]) -> list[str]:
         b = curves(base).get(".sdl")
         for r in found:
             same = r["model_id"] == base["model_id"] and r["images"] == base["images"] and r["crop"] == base["crop"]
-            t = curves(r).get(".sdl")
-            if r is base or not same or b is None or t is None:
+            t = curves(r).get(".sdl") if same and r is not base else None
+            if b is None or t is None:
                 continue
             cells = []
             for m in ("jod", "psnr"):
