@@ -712,12 +712,17 @@ def bd_table(res: dict[str, Any]) -> list[tuple[str, str, rm.BDResult]]:
                 why = "4-channel models only" if anchor.startswith("original") and res["channels"] != 4 else None
                 out.append((metric, anchor, rm.BDResult(None, note=why or f"no {anchor} curve")))
                 continue
-            (ra, ma), (rt, mt) = (cv[anchor][0], cv[anchor][1][metric]), (cv[".sdl"][0], cv[".sdl"][1][metric])
-            if any(v is None for v in (*ma, *mt)):
-                out.append((metric, anchor, rm.BDResult(None, note=f"{metric} not measured")))
-                continue
-            out.append((metric, anchor, rm.bd_rate((ra, ma), (rt, mt))))  # type: ignore[arg-type]
+            out.append((metric, anchor, curve_bd(cv[anchor], cv[".sdl"], metric)))
     return out
+
+
+def curve_bd(anchor: Any, test: Any, metric: str) -> rm.BDResult:
+    """BD-rate of two of ``curves``' curves (rates, {metric: values}) on one metric; n/a where a point
+    lacks it (JOD without cvvdp)."""
+    (ra, ma), (rt, mt) = (anchor[0], anchor[1][metric]), (test[0], test[1][metric])
+    if any(v is None for v in (*ma, *mt)):
+        return rm.BDResult(None, note=f"{metric} not measured")
+    return rm.bd_rate((ra, ma), (rt, mt))
 
 
 def describe_run(res: dict[str, Any]) -> str:
@@ -1066,13 +1071,7 @@ def between_runs(found: list[dict[str, Any]]) -> list[str]:
             t = curves(r).get(".sdl") if same and r is not base else None
             if b is None or t is None:
                 continue
-            cells = []
-            for m in ("jod", "psnr"):
-                if any(v is None for v in (*b[1][m], *t[1][m])):
-                    cells.append(f"{m.upper()} n/a ({m} not measured)")
-                else:
-                    res = rm.bd_rate((b[0], b[1][m]), (t[0], t[1][m]))  # type: ignore[arg-type]
-                    cells.append(f"{m.upper()} {res.text(' dB' if m == 'psnr' else '')}")
+            cells = [f"{m.upper()} {curve_bd(b, t, m).text(' dB' if m == 'psnr' else '')}" for m in ("jod", "psnr")]
             out.append(f"- {r['model']} against {base['model']} (the same {len(r['images'])} images), BD-rate of "
                        f"the .sdl curves: " + "; ".join(cells) + ".")  # fmt: skip
     return out
@@ -1080,6 +1079,7 @@ def between_runs(found: list[dict[str, Any]]) -> list[str]:
 
 def write_docs(path: Path, out: Path) -> None:
     found = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
+    found = [r for r in found if "rows" in r and "model_id" in r]  # rd.py's runs: pictures.py keeps its own beside them
     rank = {"TAESD": 0, "TAESDXL": 1, "TAEF2": 2}
     found.sort(key=lambda r: (rank.get(model_label(r["model_id"]), 9), r["model"]))
     if not found:

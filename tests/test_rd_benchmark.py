@@ -89,6 +89,8 @@ def test_quick_run_on_crops(tmp_path: Path, kodak_dir: Path, taesd_dir: Path) ->
     kept = tmp_path / "kept"
     (kept / "taesd").mkdir(parents=True)
     (kept / "taesd" / "results.json").write_bytes((folder / "results.json").read_bytes())
+    (kept / "pictures").mkdir()  # pictures.py's results, kept beside rd.py's: not a section
+    (kept / "pictures" / "results.json").write_text(json.dumps({"strips": []}))
     docs2 = tmp_path / "docs2" / "benchmarks.md"
     cmd = [sys.executable, str(BENCH / "rd.py"), "--docs-only", "--docs", str(docs2), "--out", str(kept)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
